@@ -1,0 +1,1 @@
+"""Prompt sets, image stores and the miniworld data generator."""

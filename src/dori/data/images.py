@@ -1,0 +1,84 @@
+"""Training images of SD prompts: a local folder keyed by LAION index, or a guarded URL fetch with a cache.
+
+Fetching is opt-in (``fetch=True``): each download has a timeout, a size cap and a check that the bytes
+decode as an image; the result is cached under ``cache_dir`` so a rerun never fetches twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from dori.data.sets import Item, load_image_file
+from dori.errors import DoriError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageStore:
+    """Finds the training image of an item (see module docstring)."""
+
+    def __init__(
+        self,
+        images_dir=None,
+        fetch: bool = False,
+        cache_dir=None,
+        size: int = 512,
+        timeout_s: float = 10.0,
+        max_bytes: int = 20 * 2**20,
+    ):
+        self.images_dir = Path(images_dir) if images_dir else None
+        if self.images_dir is not None and not self.images_dir.is_dir():
+            raise DoriError(f"--images folder {self.images_dir} does not exist")
+        self.fetch = fetch
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "dori" / "images")
+        self.size, self.timeout_s, self.max_bytes = size, timeout_s, max_bytes
+
+    def local_path(self, item: Item) -> Path | None:
+        key = item.meta.get("laion_index") or item.id
+        for base in [self.images_dir, self.cache_dir]:
+            if base is None:
+                continue
+            for ext in EXTENSIONS:
+                for name in (f"{key}{ext}", f"{item.id}{ext}"):
+                    if (base / name).exists():
+                        return base / name
+        return None
+
+    def load(self, item: Item) -> torch.Tensor:
+        path = self.local_path(item)
+        if path is None and self.fetch and item.image_ref:
+            path = self._download(item)
+        if path is None:
+            where = f"in {self.images_dir}" if self.images_dir else "locally"
+            raise DoriError(f"no training image for {item.id} {where} (expected <LAION index>.jpg/.png)")
+        return load_image_file(path, self.size)
+
+    def _download(self, item: Item) -> Path:
+        url = item.image_ref or ""
+        if not url.startswith(("http://", "https://")):
+            raise DoriError(f"{item.id}: not a fetchable URL: {url!r}")
+        key = item.meta.get("laion_index") or hashlib.sha1(url.encode()).hexdigest()[:16]
+        target = self.cache_dir / f"{key}.img"
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "dori-audit"})
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                data = resp.read(self.max_bytes + 1)
+        except Exception as err:  # network failures of every kind become a skip reason
+            raise DoriError(f"{item.id}: download failed ({type(err).__name__}: {err})") from err
+        if len(data) > self.max_bytes:
+            raise DoriError(f"{item.id}: image larger than {self.max_bytes} bytes")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(data)
+        try:
+            load_image_file(tmp)
+        except DoriError as err:
+            tmp.unlink(missing_ok=True)
+            raise DoriError(f"{item.id}: downloaded bytes are not an image") from err
+        final = target.with_suffix(".png")
+        tmp.replace(final)
+        return final

@@ -1,0 +1,161 @@
+"""Run directories: resolved config, provenance and per-item results, written atomically and resumable.
+
+Layout of a run directory::
+
+    config.json        the resolved settings of the command (written once; a different config is refused)
+    provenance.json    git hash, package versions, device, dtype, seeds, start time
+    results/<key>.json one file per finished unit of work (item x setting), written atomically
+    artifacts/         tensors and images the report reads (embeddings, generations)
+
+Running the same command again skips units whose result file exists; a unit killed half-way left no
+file (writes go to a temporary name and are renamed), so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dori.errors import DoriError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(extra: dict | None = None) -> dict:
+    import diffusers
+    import transformers
+
+    import dori
+
+    info = {
+        "dori": dori.__version__,
+        "git": git_hash(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "host": platform.node(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    info.update(extra or {})
+    return info
+
+
+_KEY = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+def safe_key(key: str) -> str:
+    return _KEY.sub("_", key)
+
+
+class RunDir:
+    """A resumable run directory (see module docstring)."""
+
+    def __init__(
+        self, path: str | Path, config: dict[str, Any] | None = None, extra_provenance: dict | None = None
+    ):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "results").mkdir(exist_ok=True)
+        (self.path / "artifacts").mkdir(exist_ok=True)
+        cfg_file = self.path / "config.json"
+        if config is not None:
+            cfg = json.loads(json.dumps(config, default=str))
+            if cfg_file.exists():
+                old = json.loads(cfg_file.read_text())
+                changed = sorted(
+                    k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k) and k not in _NON_BINDING
+                )
+                if changed:
+                    raise DoriError(
+                        f"run directory {self.path} was made with other settings ({', '.join(changed)}); "
+                        "use a new --out or delete it"
+                    )
+            else:
+                atomic_write_text(cfg_file, json.dumps(cfg, indent=2))
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        prov_file = self.path / "provenance.json"
+        if not prov_file.exists():
+            atomic_write_text(prov_file, json.dumps(provenance(extra_provenance), indent=2))
+
+    # results ---------------------------------------------------------------
+    def result_path(self, key: str) -> Path:
+        return self.path / "results" / f"{safe_key(key)}.json"
+
+    def has(self, key: str) -> bool:
+        return self.result_path(key).exists()
+
+    def put(self, key: str, value: dict) -> None:
+        atomic_write_text(self.result_path(key), json.dumps(value, indent=1, default=_json_default))
+
+    def get(self, key: str) -> dict:
+        path = self.result_path(key)
+        if not path.exists():
+            raise DoriError(f"no result {key!r} in {self.path}")
+        return json.loads(path.read_text())
+
+    def results(self, prefix: str = "") -> Iterator[tuple[str, dict]]:
+        for path in sorted((self.path / "results").glob(f"{safe_key(prefix)}*.json")):
+            yield path.stem, json.loads(path.read_text())
+
+    # artifacts -------------------------------------------------------------
+    def artifact(self, name: str) -> Path:
+        return self.path / "artifacts" / safe_key(name)
+
+    @property
+    def provenance(self) -> dict:
+        return json.loads((self.path / "provenance.json").read_text())
+
+
+_NON_BINDING = {"progress", "json", "out", "workers", "batch_size", "device"}
+
+
+def _json_default(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj)}")

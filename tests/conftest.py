@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from dori.models.builders import build_tiny_random
+
+    return build_tiny_random(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel():
+    from dori.models.builders import build_tiny_random
+
+    return build_tiny_random(seed=1, latent=False)
