@@ -9,7 +9,7 @@ import sys
 
 from dori.errors import DoriError
 
-COMMANDS = ["models", "data"]
+COMMANDS = ["models", "data", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:
