@@ -9,7 +9,7 @@ import sys
 
 from dori.errors import DoriError
 
-COMMANDS = ["models", "data", "analyze"]
+COMMANDS = ["models", "data", "analyze", "audit", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

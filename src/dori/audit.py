@@ -1,0 +1,263 @@
+"""The audit a model publisher runs before release (Finding Dori, Sections 3.2-3.3): can some text
+embedding still make the (possibly mitigated) model reproduce its known memorized images?
+
+Rows of one audit, all scored with :mod:`dori.evaluation` on the same items and seeds:
+
+1. ``none``: the unmitigated model from each item's prompt (also the reference of SSCD_gen);
+2. the mitigated model from the prompts (when a mitigation is given);
+3. with ``attack="dori"``: the (mitigated) model from Dori embeddings searched against that same model,
+   one row per evaluated number of Dori steps (snapshots, e.g. 1, 10, 25 and the final step), so MR can
+   be read against steps (Tables 6-7).
+
+Dori runs batched over items (one seed per item) unless the mitigation is per item; its embeddings,
+loss and norm curves and snapshots are saved per item as artifacts, so a rerun skips finished searches.
+FID/KID (when a utility prompt set is given) are properties of the model state, so Dori rows repeat the
+values of their mitigation's row, as the paper's tables do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dori.attacks.dori import Dori, initial_embeddings
+from dori.data.sets import Item
+from dori.errors import DoriError
+from dori.evaluation import (
+    EvalConfig,
+    MitigationContext,
+    Setting,
+    dori_seed,
+    evaluate_items,
+    summarize,
+    utility_scores,
+)
+from dori.metrics.features import Backends
+from dori.models.pipeline import T2IModel
+from dori.runs import RunDir, atomic_save_tensors, load_tensors
+
+
+@dataclass
+class Utility:
+    """A utility prompt set for FID/KID: prompts and a loader of the reference images."""
+
+    name: str
+    prompts: Sequence[str]
+    reference: Callable[[], Sequence[torch.Tensor]]
+
+
+def dori_artifact(mitigation_key: str, item_id: str) -> str:
+    return f"dori.{mitigation_key}.{item_id}.safetensors"
+
+
+def resolve_mitigation(spec: str) -> tuple[str, object | None]:
+    """``none`` -> (``none``, None); ``nemo:DIR`` -> (``nemo``, fitted mitigation) via
+    :func:`dori.mitigations.load_mitigation`."""
+    if spec in ("none", "", None):
+        return "none", None
+    from dori import mitigations
+
+    load = getattr(mitigations, "load_mitigation", None)
+    if load is None:
+        raise DoriError("this dori has no mitigation loader (dori.mitigations.load_mitigation)")
+    return spec.split(":", 1)[0], load(spec)
+
+
+def audit_settings(mitigation: str, mkey: str, attack: str, steps: int, snapshots: Sequence[int], init: str):
+    """The settings (rows) of one audit, in the order they are evaluated."""
+    rows = [Setting("none", "no mitigation")]
+    ref = None
+    if mkey != "none":
+        rows.append(Setting(mkey, mkey, mitigation=mitigation, reference="none"))
+        ref = "none"
+    if attack == "dori":
+        for k in sorted({s for s in snapshots if 0 < s < steps} | {steps}):
+            base = "no mitigation" if mkey == "none" else mkey
+            label = f"{base} + dori" + ("" if k == steps else f" @{k}")
+            rows.append(
+                Setting(f"{mkey}+dori-{k}", label, mitigation, "dori", dori_steps=k, init=init, reference=ref)
+            )
+    elif attack != "none":
+        raise DoriError(f"unknown attack {attack!r}: use none or dori")
+    return rows
+
+
+def run_dori(
+    model: T2IModel,
+    items: Sequence[Item],
+    indices: Sequence[int],
+    dori: Dori,
+    run: RunDir,
+    mkey: str,
+    config: EvalConfig,
+    init: str = "prompt",
+    other_prompts: Sequence[str] | None = None,
+    mitigation: MitigationContext | None = None,
+    per_item: bool = False,
+    max_items: int = 32,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Search (or load) one Dori embedding per item; returns snapshot step -> embeddings (N, tokens, dim).
+
+    Args:
+        init: ``prompt``, ``random`` or ``other`` (``other_prompts[i]`` for item i).
+        mitigation / per_item: the model state the search runs against (as in :func:`evaluate_items`).
+        max_items: most items searched in one batch (bounds memory; the result does not depend on it).
+    """
+    todo = [j for j, it in enumerate(items) if not run.artifact(dori_artifact(mkey, it.id)).exists()]
+    per_call = 1 if per_item else max_items
+    bar = tqdm(
+        total=len(todo) * dori.steps, desc=f"dori {mkey}", disable=not progress, file=sys.stderr, leave=False
+    )
+    try:
+        for lo in range(0, len(todo), per_call):
+            group = todo[lo : lo + per_call]
+            seeds = [dori_seed(config.seed, indices[j]) for j in group]
+            prompts = [items[j].prompt for j in group]
+            if init == "other":
+                if other_prompts is None:
+                    raise DoriError("init 'other' needs other prompts")
+                y0 = initial_embeddings(
+                    model, prompts, "other", other_prompts=[other_prompts[j] for j in group]
+                )
+            else:
+                y0 = initial_embeddings(model, prompts, init, seeds=seeds)
+            images = torch.stack([resize_to(items[j].image, model.image_size) for j in group])
+            x0 = model.encode_images(images)
+            ids = [items[j].id for j in group]
+            ctx = (
+                mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
+            )
+            done = bar.n
+            with ctx:
+                res = dori(
+                    model,
+                    x0,
+                    y0,
+                    seeds,
+                    progress=lambda s, d=done, k=len(group): bar.update(d + s * k - bar.n),
+                )
+            for pos, j in enumerate(group):
+                tensors = {
+                    "embedding": res.embeddings[pos],
+                    "init": y0[pos].float(),
+                    "losses": res.losses[pos],
+                    "norms": res.norms[pos] if res.norms is not None else torch.zeros(dori.steps),
+                }
+                tensors.update({f"snap.{k}": v[pos] for k, v in res.snapshots.items()})
+                atomic_save_tensors(run.artifact(dori_artifact(mkey, items[j].id)), tensors)
+    finally:
+        bar.close()
+    loaded = [load_tensors(run.artifact(dori_artifact(mkey, it.id))) for it in items]
+    out = {k: torch.stack([t[f"snap.{k}"] for t in loaded]) for k in dori.snapshot_steps}
+    out[dori.steps] = torch.stack([t["embedding"] for t in loaded])
+    return out
+
+
+def run_audit(
+    model: T2IModel,
+    items: Sequence[Item],
+    set_name: str,
+    backends: Backends,
+    run: RunDir,
+    config: EvalConfig,
+    mitigation: str = "none",
+    attack: str = "none",
+    dori: Dori | None = None,
+    init: str = "prompt",
+    other_prompts: Sequence[str] | None = None,
+    snapshots: Sequence[int] = (1, 10, 25),
+    utility: Utility | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol"}``.
+
+    Args:
+        items: the set (after any limit); an item's position fixes its seeds. Items without a training
+            image are skipped and listed with their reason.
+        mitigation: ``none`` or a spec for :func:`dori.mitigations.load_mitigation` (``nemo:DIR``).
+        attack: ``none`` or ``dori`` (then ``dori`` holds the search settings; default: the paper's).
+        init: Dori initialization ``prompt``, ``random`` or ``other`` (with ``other_prompts``, one per
+            item of ``items``).
+        snapshots: Dori steps evaluated besides the last.
+        utility: prompts and reference images for FID/KID (needs ``backends.features``).
+    """
+    usable, indices, skipped = [], [], []
+    for idx, item in enumerate(items):
+        if item.skip_reason is None and item.image is not None:
+            usable.append(item)
+            indices.append(idx)
+        else:
+            skipped.append({"id": item.id, "reason": item.skip_reason or "no training image"})
+    if not usable:
+        raise DoriError(f"no item of set {set_name!r} has a training image ({len(skipped)} skipped)")
+    mkey, fitted = resolve_mitigation(mitigation)
+    ctx = None if fitted is None else (lambda ids: fitted.applied(model, ids))
+    per_item = bool(getattr(fitted, "per_item", True)) if fitted is not None else False
+    dori = dori or Dori()
+    settings = audit_settings(mitigation, mkey, attack, dori.steps, snapshots, init)
+    searched: dict[int, torch.Tensor] = {}
+    if attack == "dori":
+        steps_needed = tuple(s.dori_steps for s in settings if s.attack == "dori")
+        dori = dataclasses.replace(dori, snapshot_steps=steps_needed)
+    for setting in settings:
+        is_mitigated = setting.mitigation != "none"
+        if setting.attack == "dori" and not searched:
+            others = None if other_prompts is None else [other_prompts[i] for i in indices]
+            searched = run_dori(
+                model, usable, indices, dori, run, mkey, config, init, others,
+                ctx, per_item, progress=progress,
+            )  # fmt: skip
+        evaluate_items(
+            model,
+            usable,
+            indices,
+            backends,
+            run,
+            setting,
+            config,
+            embeddings=searched.get(setting.dori_steps) if setting.attack == "dori" else None,
+            mitigation=ctx if is_mitigated else None,
+            per_item=per_item and is_mitigated,
+            progress=progress,
+        )
+    util = {}
+    if utility is not None:
+        for tag in dict.fromkeys(s.key if s.attack == "none" else mkey for s in settings):
+            util[tag] = utility_scores(
+                model, utility.prompts, utility.reference, backends, run, tag, config,
+                mitigation=ctx if tag != "none" else None, progress=progress,
+            )  # fmt: skip
+    rows = []
+    for setting in settings:
+        records = [run.get(f"item.{setting.key}.{it.id}") for it in usable]
+        row = summarize(records, setting, set_name, backends.threshold)
+        tag = setting.key if setting.attack == "none" else mkey
+        if tag in util:
+            row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
+        rows.append(row)
+    return {
+        "rows": rows,
+        "skipped": skipped,
+        "settings": [s.describe() for s in settings],
+        "protocol": config.describe(),
+        "dori": dori.settings() if attack == "dori" else None,
+        "backends": backends.describe(),
+    }
+
+
+def resize_to(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] resized (bicubic, antialiased) to size x size, if needed."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    out = F.interpolate(
+        image[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
+    return out[0].clamp(0, 1)

@@ -1,0 +1,166 @@
+"""``dori audit``: evaluate a (possibly mitigated) model on memorized items, optionally under Dori.
+
+Prints the result table, writes ``audit.json`` and ``report.html`` into the run directory (and the JSON
+to ``--json``). Resumable: run the same command again to continue an interrupted audit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
+from dori.errors import DoriError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("audit", help="measure memorization of a model, with or without Dori")
+    add_model_args(p)
+    add_run_args(p)
+    g = p.add_argument_group("items")
+    g.add_argument(
+        "--set", required=True, help="item set: a world set (vm, unique, heldout), vm/tm, or a file"
+    )
+    g.add_argument("--images", default=None, help="folder of SD training images named by LAION index")
+    g.add_argument("--fetch", action="store_true", help="download missing SD training images (cached)")
+    g.add_argument("--limit", type=int, default=None, help="only the first K items of the set")
+    g = p.add_argument_group("model state and attack")
+    g.add_argument("--mitigation", default="none", help="none, nemo:DIR or wanda:DIR (a fitted mitigation)")
+    g.add_argument("--attack", default="none", choices=["none", "dori"])
+    g.add_argument("--steps", type=int, default=50, help="Dori steps (paper: 50)")
+    g.add_argument("--lr", type=float, default=0.1, help="Dori Adam learning rate (paper: 0.1)")
+    g.add_argument("--dori-batch", type=int, default=8, help="(noise, t) draws per Dori step (paper: 8)")
+    g.add_argument("--init", default="prompt", help="Dori init: prompt, random or prompt-of:SET")
+    g.add_argument(
+        "--snapshots", default="1,10,25", help="Dori steps evaluated besides the last (comma list, or none)"
+    )
+    g = p.add_argument_group("protocol")
+    g.add_argument("--n-gens", type=int, default=10, help="generations per item (paper: 10)")
+    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (paper: 50)")
+    g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (paper: 7)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per UNet batch when sampling")
+    g.add_argument("--utility-set", default=None, help="prompt set for FID/KID (heldout, coco, a file)")
+    g.add_argument("--n-utility", type=int, default=None, help="first K prompts of the utility set")
+    g.add_argument("--reference-images", default=None, help="folder of FID/KID reference images")
+    g = p.add_argument_group("feature models (default: the miniworld's stand-ins)")
+    g.add_argument("--sscd", default=None, help="sscd_disc_mixup.torchscript.pt")
+    g.add_argument("--clip", default=None, help="CLIP ViT-B/32 folder or hub id in the local cache")
+    g.add_argument("--inception", default=None, help="clean-fid inception-2015-12-05.pt")
+    p.set_defaults(func=run)
+
+
+def _snapshots(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError as err:
+        raise DoriError(f"--snapshots takes a comma list of steps, got {text!r}") from err
+
+
+def _init(spec: str, model, n: int) -> tuple[str, list[str] | None]:
+    if spec in ("prompt", "random"):
+        return spec, None
+    if spec.startswith("prompt-of:"):
+        from dori.data.sets import load_set
+
+        other = [it.prompt for it in load_set(spec.split(":", 1)[1], model, limit=None)]
+        if not other:
+            raise DoriError(f"--init {spec}: the set has no prompts")
+        return "other", [other[i % len(other)] for i in range(n)]
+    raise DoriError(f"unknown --init {spec!r}: use prompt, random or prompt-of:SET")
+
+
+def _utility(args, model):
+    if args.utility_set is None:
+        return None
+    from dori.audit import Utility
+    from dori.data.images import EXTENSIONS
+    from dori.data.sets import load_image_file, load_set
+
+    items = load_set(args.utility_set, model, limit=args.n_utility)
+    if args.reference_images:
+        folder = Path(args.reference_images)
+        if not folder.is_dir():
+            raise DoriError(f"--reference-images folder {folder} does not exist")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in EXTENSIONS)
+        if len(files) < 2:
+            raise DoriError(f"--reference-images {folder} holds fewer than two images")
+
+        def reference():
+            return [load_image_file(f) for f in files]
+    else:
+
+        def reference():
+            images = [it.image for it in items if it.image is not None]
+            if len(images) < 2:
+                raise DoriError(
+                    f"utility set {args.utility_set!r} has no reference images: pass --reference-images DIR"
+                )
+            return images
+
+    return Utility(args.utility_set, [it.prompt for it in items], reference)
+
+
+def run(args) -> int:
+    from dori.attacks.dori import Dori
+    from dori.audit import run_audit
+    from dori.data.sets import load_set
+    from dori.evaluation import EvalConfig
+    from dori.metrics.backends import load_backends
+    from dori.models.pipeline import SamplingConfig
+    from dori.report.html import build_report
+    from dori.report.tables import format_table
+    from dori.runs import RunDir
+
+    snapshots = _snapshots(args.snapshots)
+    model = load_model_from_args(args)
+    items = load_set(args.set, model, images_dir=args.images, fetch=args.fetch, limit=args.limit)
+    init, other = _init(args.init, model, len(items))
+    backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
+    config = EvalConfig(
+        n_gens=args.n_gens,
+        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.batch_size),
+        seed=args.seed,
+    )
+    dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    run_dir = RunDir(
+        args.out,
+        settings,
+        extra_provenance={
+            "command": "audit",
+            "model": model.name,
+            "model_info": model.info,
+            "device": str(model.device),
+            "dtype": str(model.dtype),
+            "seed": args.seed,
+            "backends": backends.describe(),
+            "protocol": config.describe(),
+        },
+    )
+    result = run_audit(
+        model,
+        items,
+        args.set,
+        backends,
+        run_dir,
+        config,
+        mitigation=args.mitigation,
+        attack=args.attack,
+        dori=dori,
+        init=init,
+        other_prompts=other,
+        snapshots=snapshots,
+        utility=_utility(args, model),
+        progress=args.progress,
+    )
+    out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
+    write_json(str(run_dir.path / "audit.json"), out)
+    write_json(args.json, out)
+    print(format_table(result["rows"]))
+    if result["skipped"]:
+        print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
+    report = build_report(run_dir.path)
+    print(f"report: {report}", file=sys.stderr)
+    return 0

@@ -1,0 +1,239 @@
+"""A self-contained HTML report of an audit, built only from what the run directory holds.
+
+It reads ``audit.json`` (the rows), ``results/item.<setting>.<item>.json`` (per-item scores) and the
+artifacts (``train.*``, ``gen.*`` and ``dori.*`` safetensors) and never loads a model. Images are inlined
+as base64 PNG, plots are drawn with matplotlib (Agg), captions are HTML-escaped, so the one file can be
+mailed or archived. A tiny inline script writes whether every image decoded and no script error
+occurred into ``#status`` (what the headless-browser test reads).
+
+Contents: the result table; MR and SSCD_orig against Dori steps; per item (up to ``max_items``) the
+training image, the generations from its prompt (per model state) and from its final Dori embedding
+with their SSCD_orig scores, the Dori loss curve and the item's best score after each evaluated step.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dori.errors import DoriError
+from dori.report.tables import table_html
+from dori.runs import atomic_write_text, load_tensors, safe_key
+
+THUMB = 128
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table.results{border-collapse:collapse;margin:1em 0}
+table.results td,table.results th{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+table.results td:first-child,table.results th:first-child{text-align:left}
+section.item{border-top:1px solid #ccc;margin-top:1.5em;padding-top:.5em}
+.gens{display:flex;flex-wrap:wrap;gap:4px}
+figure{margin:0;text-align:center;font-size:.8em;display:inline-block}
+.gens img{width:96px;height:auto;image-rendering:pixelated}
+figure.train img{width:192px;height:auto;image-rendering:pixelated}
+figure.hit figcaption{color:#b00;font-weight:bold}
+.plots img{margin-right:1em}
+pre{background:#f5f5f5;padding:.5em;overflow:auto}
+"""
+
+_STATUS_SCRIPT = """
+(function () {
+  var errors = [];
+  window.addEventListener('error', function (e) { errors.push(String(e.message)); });
+  window.addEventListener('load', function () {
+    var imgs = document.images, broken = 0;
+    for (var i = 0; i < imgs.length; i++) {
+      if (!imgs[i].complete || imgs[i].naturalWidth === 0) { broken++; }
+    }
+    var ok = broken === 0 && errors.length === 0;
+    var el = document.getElementById('status');
+    el.setAttribute('data-status', ok ? 'ok' : 'error');
+    el.textContent = (ok ? 'ok' : 'error') + ' images=' + imgs.length + ' broken=' + broken +
+      ' errors=' + errors.length;
+  });
+})();
+"""
+
+
+def png_data_uri(image: torch.Tensor | np.ndarray | Image.Image, max_size: int | None = THUMB) -> str:
+    """A uint8 (3, H, W) tensor, an (H, W, 3) array or a PIL image as a ``data:image/png`` URI."""
+    if torch.is_tensor(image):
+        image = image.permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image.astype(np.uint8)))
+    if max_size is not None and max(image.size) > max_size:
+        image = image.copy()
+        image.thumbnail((max_size, max_size), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure_uri(draw, size=(4.0, 2.6)) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=90)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def loss_curve_uri(losses: torch.Tensor) -> str:
+    """The Dori loss per step (raw and a 5-step moving average)."""
+    y = losses.float().numpy()
+
+    def draw(ax):
+        steps = np.arange(1, len(y) + 1)
+        ax.plot(steps, y, color="#999", lw=1, label="loss")
+        if len(y) >= 5:
+            ax.plot(
+                steps[4:],
+                np.convolve(y, np.ones(5) / 5, mode="valid"),
+                color="#b00",
+                lw=1.5,
+                label="mean of 5",
+            )
+        ax.set_xlabel("Dori step")
+        ax.set_ylabel("diffusion loss")
+        ax.legend(fontsize=7)
+
+    return _figure_uri(draw)
+
+
+def steps_plot_uri(points: list[tuple[int, float, float]], threshold: float | None) -> str:
+    """MR and median SSCD_orig against Dori steps: points (steps, mr, sscd median)."""
+
+    def draw(ax):
+        xs = [p[0] for p in points]
+        ax.plot(xs, [p[1] for p in points], "o-", color="#b00", label="MR")
+        ax.plot(xs, [p[2] for p in points], "s--", color="#06c", label="SSCD_orig (median)")
+        if threshold is not None:
+            ax.axhline(threshold, color="#888", lw=0.8, ls=":", label="threshold")
+        ax.set_xticks(xs)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("Dori steps")
+        ax.legend(fontsize=7)
+
+    return _figure_uri(draw)
+
+
+def _artifact(run: Path, name: str) -> Path:
+    return run / "artifacts" / safe_key(name)
+
+
+def _gens_html(run: Path, record: dict, threshold: float | None) -> str:
+    path = _artifact(run, record["artifact"])
+    if not path.exists():
+        return "<p>(generations not saved)</p>"
+    images = load_tensors(path)["images"]
+    figs = []
+    for k, (img, score) in enumerate(zip(images, record["sscd_orig"]["scores"], strict=True)):
+        hit = threshold is not None and score >= threshold
+        cls = ' class="hit"' if hit else ""
+        figs.append(
+            f"<figure{cls}>{_img(png_data_uri(img), f'generation {k}')}"
+            f"<figcaption>SSCD {score:.2f}</figcaption></figure>"
+        )
+    return '<div class="gens">' + "".join(figs) + "</div>"
+
+
+def _item_html(run: Path, item_id: str, by_setting: dict[str, dict], audit: dict, threshold) -> str:
+    first = next(iter(by_setting.values()))
+    parts = [f'<section class="item"><h3>{html.escape(item_id)}</h3>']
+    parts.append(f"<p>Caption: <q>{html.escape(first['prompt'])}</q></p>")
+    train = _artifact(run, f"train.{item_id}.safetensors")
+    if train.exists():
+        uri = png_data_uri(load_tensors(train)["image"], max_size=2 * THUMB)
+        parts.append(
+            f'<figure class="train">{_img(uri, "training image")}<figcaption>training image</figcaption></figure>'
+        )
+    settings = audit.get("settings", [])
+    shown = [s for s in settings if s["attack"] == "none"]
+    final = [s for s in settings if s["attack"] != "none"]
+    if final:
+        shown.append(max(final, key=lambda s: s["dori_steps"] or 0))
+    for s in shown:
+        rec = by_setting.get(s["key"])
+        if rec is None:
+            continue
+        mx = rec["sscd_orig"]["max"]
+        gen = rec.get("sscd_gen")
+        extra = "" if not gen else f", SSCD_gen max {gen['max']:.2f}"
+        parts.append(f"<h4>{html.escape(s['label'])}: SSCD_orig max {mx:.2f}{html.escape(extra)}</h4>")
+        parts.append(_gens_html(run, rec, threshold))
+    plots = []
+    for s in final[:1]:
+        dori_file = _artifact(run, f"dori.{s['key'].split('+dori-')[0]}.{item_id}.safetensors")
+        if dori_file.exists():
+            plots.append(_img(loss_curve_uri(load_tensors(dori_file)["losses"]), "Dori loss curve"))
+    steps = sorted(
+        (s["dori_steps"], by_setting[s["key"]]["sscd_orig"]["max"]) for s in final if s["key"] in by_setting
+    )
+    if steps:
+        cells = "".join(f"<td>{k}: {v:.2f}</td>" for k, v in steps)
+        plots.append(
+            f'<table class="results"><tr><th>SSCD_orig max after Dori steps</th>{cells}</tr></table>'
+        )
+    if plots:
+        parts.append('<div class="plots">' + "".join(plots) + "</div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def build_report(run_dir: str | Path, max_items: int = 50, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` into the run directory (or ``out``) from its results; return its path."""
+    run = Path(run_dir)
+    audit_file = run / "audit.json"
+    if not audit_file.exists():
+        raise DoriError(f"{run} holds no audit.json: run `dori audit --out {run}` first")
+    audit = json.loads(audit_file.read_text())
+    rows = audit.get("rows", [])
+    threshold = audit.get("backends", {}).get("threshold")
+    items: dict[str, dict[str, dict]] = {}
+    for path in sorted((run / "results").glob("item.*.json")):
+        rec = json.loads(path.read_text())
+        items.setdefault(rec["item"], {})[rec["setting"]] = rec
+    order = sorted(items, key=lambda i: min(r.get("index", 0) for r in items[i].values()))
+    title = f"dori audit: {audit.get('model', '?')} on {audit.get('set', '?')}"
+    body = [f"<h1>{html.escape(title)}</h1>", '<p id="status" data-status="pending">pending</p>']
+    body.append("<h2>Results</h2>" + table_html(rows))
+    dori_rows = sorted((r for r in rows if r.get("dori_steps")), key=lambda r: r["dori_steps"])
+    if dori_rows:
+        pts = [(r["dori_steps"], r["mr"], r["sscd_orig"]["median"]) for r in dori_rows]
+        body.append(
+            "<h2>MR against Dori steps</h2>" + _img(steps_plot_uri(pts, threshold), "MR against Dori steps")
+        )
+    if audit.get("skipped"):
+        lis = "".join(
+            f"<li>{html.escape(s['id'])}: {html.escape(s['reason'])}</li>" for s in audit["skipped"]
+        )
+        body.append(f"<h2>Skipped items ({len(audit['skipped'])})</h2><ul>{lis}</ul>")
+    body.append(f"<h2>Items ({min(len(order), max_items)} of {len(order)} shown)</h2>")
+    body += [_item_html(run, item_id, items[item_id], audit, threshold) for item_id in order[:max_items]]
+    prov = json.dumps({k: audit.get(k) for k in ("provenance", "protocol", "dori", "backends")}, indent=1)
+    body.append(f"<h2>Provenance</h2><pre>{html.escape(prov)}</pre>")
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script>{_STATUS_SCRIPT}</script></head><body>{''.join(body)}</body></html>"
+    )
+    target = Path(out) if out is not None else run / "report.html"
+    atomic_write_text(target, page)
+    return target

@@ -1,0 +1,239 @@
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dori import mitigations
+from dori.attacks.dori import Dori
+from dori.audit import run_audit
+from dori.data.sets import user_set
+from dori.errors import DoriError
+from dori.evaluation import EvalConfig, generation_seeds
+from dori.metrics.features import Backends
+from dori.models.pipeline import SamplingConfig
+from dori.report.html import build_report
+from dori.runs import RunDir
+
+CAPTION = 'a <b>red</b> & "blue" thing'
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class FakeCopy:
+    name = "fake-copy"
+
+    def __call__(self, images):
+        x = F.interpolate(images.float(), size=(8, 8), mode="area").flatten(1)
+        return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+
+class FakeAligner:
+    name = "fake-clip"
+
+    def image_features(self, images):
+        return F.normalize(images.float().mean((2, 3)), dim=1)
+
+    def text_features(self, prompts):
+        return F.normalize(torch.tensor([[len(p) % 7 + 1.0, 1.0, 2.0] for p in prompts]), dim=1)
+
+
+class FakeInception:
+    name = "fake-inception"
+
+    def __call__(self, images):
+        return F.interpolate(images.float(), size=(4, 4), mode="area").flatten(1)
+
+
+def fake_backends(*args, **kwargs):
+    return Backends(FakeCopy(), 0.7, FakeAligner(), FakeInception())
+
+
+class ScaleMitigation:
+    """Scales the UNet's output conv within the block (factor 1 = a mitigation that changes nothing)."""
+
+    name = "scale"
+    per_item = True
+
+    def __init__(self, factor):
+        self.factor, self.calls = factor, []
+
+    @contextlib.contextmanager
+    def applied(self, model, item_ids=None):
+        self.calls.append(None if item_ids is None else list(item_ids))
+        weight = model.unet.conv_out.weight
+        old = weight.detach().clone()
+        weight.data.mul_(self.factor)
+        try:
+            yield
+        finally:
+            weight.data.copy_(old)
+
+
+def write_items(folder: Path, n: int = 2, missing: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+        rows.append({"id": f"it{i}", "prompt": f"{CAPTION} {i}", "image": f"img{i}.png"})
+    if missing:
+        rows.append({"id": "gone", "prompt": "no image", "image": "nope.png"})
+    path = folder / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+CLI_ARGS = ["--model", "tiny-random", "--device", "cpu", "--attack", "dori", "--steps", "3",
+            "--snapshots", "1", "--n-gens", "2", "--sample-steps", "2", "--no-progress", "--seed", "5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    from dori.cli import main
+
+    base = tmp_path_factory.mktemp("audit")
+    items = write_items(base / "data")
+    run, out = base / "run", base / "out.json"
+    args = ["audit", *CLI_ARGS, "--set", str(items), "--utility-set", str(items), "--out", str(run)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dori.metrics.backends.load_backends", fake_backends)
+        assert main([*args, "--json", str(out)]) == 0
+    return run, json.loads(out.read_text())
+
+
+def test_audit_json_schema(cli_run):
+    run, result = cli_run
+    assert [r["setting"] for r in result["rows"]] == [
+        "no mitigation",
+        "no mitigation + dori @1",
+        "no mitigation + dori",
+    ]
+    for row in result["rows"]:
+        assert row["n_items"] == 2 and row["set"].endswith("items.jsonl")
+        assert 0.0 <= row["mr"] <= 1.0
+        for key in ("sscd_orig", "d_sscd", "a_clip"):
+            assert set(row[key]) == {"median", "mad"} and all(np.isfinite(list(row[key].values())))
+        assert row["sscd_gen"] is None  # unmitigated: N/A as in the paper
+        assert row["fid"] >= 0 and np.isfinite(row["kid"])
+    assert [r["dori_steps"] for r in result["rows"]] == [None, 1, 3]
+    assert result["skipped"] == [{"id": "gone", "reason": result["skipped"][0]["reason"]}]
+    assert "nope.png" in result["skipped"][0]["reason"]
+    prov = result["provenance"]
+    assert {"git", "torch", "diffusers", "seed", "device", "dtype", "backends", "protocol"} <= set(prov)
+    assert prov["backends"]["copy_detector"] == "fake-copy" and prov["seed"] == 5
+    assert json.loads((run / "audit.json").read_text())["rows"] == result["rows"]
+    rec = json.loads((run / "results" / "item.none.it1.json").read_text())
+    assert rec["seeds"] == generation_seeds(5, 1, 2) and len(rec["sscd_orig"]["scores"]) == 2
+    dori = (run / "artifacts" / "dori.none.it0.safetensors").exists()
+    assert dori and (run / "artifacts" / "gen.none+dori-3.it1.safetensors").exists()
+
+
+def test_report_is_self_contained_and_escaped(cli_run, tmp_path):
+    run, _ = cli_run
+    page = build_report(run, out=tmp_path / "r.html").read_text()
+    assert "a &lt;b&gt;red&lt;/b&gt; &amp; &quot;blue&quot; thing 0" in page
+    assert "<b>red</b>" not in page
+    # MR plot + per item: training image, 2 prompt and 2 Dori generations, loss curve
+    assert page.count("<img ") == 1 + 2 * (1 + 2 + 2 + 1)
+    assert page.count('src="data:image/png;base64,') == page.count("<img ")
+    assert "http://" not in page and "https://" not in page.replace("https://dl.fbaipublicfiles", "")
+    with pytest.raises(DoriError, match="audit.json"):
+        build_report(tmp_path)
+
+
+def test_report_command_rebuilds(cli_run, capsys):
+    from dori.cli import main
+
+    run, _ = cli_run
+    (run / "report.html").unlink()
+    assert main(["report", str(run), "--markdown"]) == 0
+    assert (run / "report.html").exists()
+    assert "| ↓ MR" in capsys.readouterr().out.replace("|↓", "| ↓")
+
+
+@pytest.mark.browser
+def test_report_renders_in_chromium(cli_run, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    run, _ = cli_run
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    out = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", (run / "report.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert 'data-status="ok"' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "images=13 broken=0 errors=0" in out.stdout
+
+
+def _audit(model, folder, run_dir, batch_size=64, mitigation="none", attack="dori", progress=False):
+    items = user_set(write_items(folder, missing=False), image_size=16)
+    config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2, batch_size=batch_size), seed=3)
+    run = RunDir(run_dir, {"test": True})
+    return run_audit(
+        model, items, "toy", fake_backends(), run, config, mitigation=mitigation, attack=attack,
+        dori=Dori(steps=2), snapshots=(1,), progress=progress,
+    )  # fmt: skip
+
+
+def test_identity_mitigation_pairs_seeds_and_restores(tiny, tmp_path, monkeypatch):
+    fitted = {"scale:1": ScaleMitigation(1.0), "scale:0": ScaleMitigation(0.0)}
+    monkeypatch.setattr(mitigations, "load_mitigation", fitted.__getitem__, raising=False)
+    before = tiny.unet.conv_out.weight.detach().clone()
+    same = _audit(tiny, tmp_path / "d", tmp_path / "same", mitigation="scale:1")
+    assert [r["key"] for r in same["rows"]] == ["none", "scale", "scale+dori-1", "scale+dori-2"]
+    none_row, scale_row = same["rows"][:2]
+    # a mitigation that changes nothing regenerates the reference images at the same seeds
+    assert scale_row["sscd_gen"] == {"median": pytest.approx(1.0), "mad": pytest.approx(0.0, abs=1e-6)}
+    assert scale_row["sscd_orig"]["median"] == pytest.approx(none_row["sscd_orig"]["median"], abs=1e-5)
+    assert all(c is not None and len(c) == 1 for c in fitted["scale:1"].calls)  # one context per item
+    changed = _audit(tiny, tmp_path / "d", tmp_path / "changed", mitigation="scale:0", attack="none")
+    assert changed["rows"][1]["sscd_gen"]["median"] < 0.99
+    torch.testing.assert_close(tiny.unet.conv_out.weight, before, rtol=0, atol=0)
+
+
+def test_resume_after_interruption_and_batching(tiny, tmp_path, monkeypatch):
+    whole = _audit(tiny, tmp_path / "d", tmp_path / "whole")  # all items in one sample call
+    import dori.evaluation as E
+
+    real_score, calls = E.score_item, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(E, "score_item", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _audit(tiny, tmp_path / "d", tmp_path / "part", batch_size=2)  # one item per sample call
+    assert sorted(p.name for p in (tmp_path / "part" / "results").glob("item.*")) == ["item.none.it0.json"]
+    monkeypatch.setattr(E, "score_item", real_score)
+
+    sampled = []
+    real_sample = tiny.sample
+
+    def counting_sample(emb, seeds, *args, **kwargs):
+        sampled.append(list(seeds))
+        return real_sample(emb, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "sample", counting_sample)
+    resumed = _audit(tiny, tmp_path / "d", tmp_path / "part", batch_size=2, progress=True)
+    assert sampled[0] == generation_seeds(3, 1, 2)  # only the unfinished item of the first setting
+    for a, b in zip(whole["rows"], resumed["rows"], strict=True):
+        for key in ("sscd_orig", "d_sscd", "a_clip"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4)
+        assert a["mr"] == b["mr"]
+
+    sampled.clear()
+    monkeypatch.setattr(Dori, "__call__", lambda *a, **k: pytest.fail("finished Dori searched again"))
+    again = _audit(tiny, tmp_path / "d", tmp_path / "part", batch_size=2)
+    assert sampled == [] and again["rows"] == resumed["rows"]
+    with pytest.raises(DoriError, match="other settings"):
+        RunDir(tmp_path / "part", {"test": False})
