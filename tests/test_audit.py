@@ -74,13 +74,20 @@ class ScaleMitigation:
             weight.data.copy_(old)
 
 
-def write_items(folder: Path, n: int = 2, missing: bool = True) -> Path:
+def write_items(folder: Path, n: int = 2, missing: bool = True, kinds: tuple = ("user",)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
-        rows.append({"id": f"it{i}", "prompt": f"{CAPTION} {i}", "image": f"img{i}.png"})
+        rows.append(
+            {
+                "id": f"it{i}",
+                "prompt": f"{CAPTION} {i}",
+                "image": f"img{i}.png",
+                "type": kinds[i % len(kinds)],
+            }
+        )
     if missing:
         rows.append({"id": "gone", "prompt": "no image", "image": "nope.png"})
     path = folder / "items.jsonl"
@@ -172,8 +179,10 @@ def test_report_renders_in_chromium(cli_run, tmp_path):
     assert "images=13 broken=0 errors=0" in out.stdout
 
 
-def _audit(model, folder, run_dir, batch_size=64, mitigation="none", attack="dori", progress=False):
-    items = user_set(write_items(folder, missing=False), image_size=16)
+def _audit(
+    model, folder, run_dir, batch_size=64, mitigation="none", attack="dori", progress=False, kinds=("user",)
+):
+    items = user_set(write_items(folder, missing=False, kinds=kinds), image_size=16)
     config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2, batch_size=batch_size), seed=3)
     run = RunDir(run_dir, {"test": True})
     return run_audit(
@@ -186,9 +195,12 @@ def test_identity_mitigation_pairs_seeds_and_restores(tiny, tmp_path, monkeypatc
     fitted = {"scale:1": ScaleMitigation(1.0), "scale:0": ScaleMitigation(0.0)}
     monkeypatch.setattr(mitigations, "load_mitigation", fitted.__getitem__, raising=False)
     before = tiny.unet.conv_out.weight.detach().clone()
-    same = _audit(tiny, tmp_path / "d", tmp_path / "same", mitigation="scale:1")
-    assert [r["key"] for r in same["rows"]] == ["none", "scale", "scale+dori-1", "scale+dori-2"]
-    none_row, scale_row = same["rows"][:2]
+    same = _audit(tiny, tmp_path / "d", tmp_path / "same", mitigation="scale:1", kinds=("vm", "tm"))
+    keys = ["none", "scale", "scale+dori-1", "scale+dori-2"]
+    assert [r["key"] for r in same["rows"]] == [k for k in keys for _ in range(3)]
+    assert [r["set"] for r in same["rows"][:3]] == ["toy", "toy/tm", "toy/vm"]
+    assert [r["n_items"] for r in same["rows"][:3]] == [2, 1, 1]
+    none_row, scale_row = same["rows"][0], same["rows"][3]
     # a mitigation that changes nothing regenerates the reference images at the same seeds
     assert scale_row["sscd_gen"] == {"median": pytest.approx(1.0), "mad": pytest.approx(0.0, abs=1e-6)}
     assert scale_row["sscd_orig"]["median"] == pytest.approx(none_row["sscd_orig"]["median"], abs=1e-5)

@@ -12,7 +12,8 @@ Rows of one audit, all scored with :mod:`dori.evaluation` on the same items and 
 Dori runs batched over items (one seed per item) unless the mitigation is per item; its embeddings,
 loss and norm curves and snapshots are saved per item as artifacts, so a rerun skips finished searches.
 FID/KID (when a utility prompt set is given) are properties of the model state, so Dori rows repeat the
-values of their mitigation's row, as the paper's tables do.
+values of their mitigation's row, as the paper's tables do. A set mixing kinds of items (``memorized`` =
+VM + TM) gets, after each setting's row, one row per kind (``set`` = ``memorized/vm``).
 """
 
 from __future__ import annotations
@@ -235,14 +236,19 @@ def run_audit(
                 model, utility.prompts, utility.reference, backends, run, tag, config,
                 mitigation=ctx if tag != "none" else None, progress=progress,
             )  # fmt: skip
+    kinds = sorted({it.kind for it in usable})
     rows = []
     for setting in settings:
         records = [run.get(f"item.{setting.key}.{it.id}") for it in usable]
-        row = summarize(records, setting, set_name, backends.threshold)
+        groups = [(set_name, records)]
+        if len(kinds) > 1:  # a mixed set (e.g. memorized = VM + TM) also gets one row per kind
+            groups += [(f"{set_name}/{k}", [r for r in records if r["kind"] == k]) for k in kinds]
         tag = setting.key if setting.attack == "none" else mkey
-        if tag in util:
-            row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
-        rows.append(row)
+        for name, group in groups:
+            row = summarize(group, setting, name, backends.threshold)
+            if tag in util:
+                row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
+            rows.append(row)
     return {
         "rows": rows,
         "skipped": skipped,

@@ -214,7 +214,10 @@ def build_report(run_dir: str | Path, max_items: int = 50, out: str | Path | Non
     title = f"dori audit: {audit.get('model', '?')} on {audit.get('set', '?')}"
     body = [f"<h1>{html.escape(title)}</h1>", '<p id="status" data-status="pending">pending</p>']
     body.append("<h2>Results</h2>" + table_html(rows))
-    dori_rows = sorted((r for r in rows if r.get("dori_steps")), key=lambda r: r["dori_steps"])
+    main_set = rows[0]["set"] if rows else None  # per-kind rows (set "memorized/vm") are left out
+    dori_rows = sorted(
+        (r for r in rows if r.get("dori_steps") and r["set"] == main_set), key=lambda r: r["dori_steps"]
+    )
     if dori_rows:
         pts = [(r["dori_steps"], r["mr"], r["sscd_orig"]["median"]) for r in dori_rows]
         body.append(
