@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from dori.cli import main
+from dori.report.figures_locality import TITLES
 
 # ---------------------------------------------------------------- config
 MODEL = "miniworld"  # a built-in name, a world folder, or a diffusers model with --sscd
@@ -50,23 +51,22 @@ lines = [
     "",
     f"Command: `python experiments/locality_figures.py` (= `dori {' '.join(argv)}`), K = {cfg['k']}, "
     f"{cfg['steps']} Dori steps, seed {cfg['seed']}, git {out['provenance'].get('git', '?')[:10]}.",
-    f"This invocation took {wall:.0f} s (0 s of it new if everything was already done).",
+    f"Wall time of this invocation: {wall:.0f} s (a rerun skips finished units).",
 ]
 for kind, s in searches.items():
     lines.append(
         f"- Batched Dori search from {kind} inits: {s['k']} runs x {s['steps']} steps in {s['seconds']:.1f} s "
         f"on {s['device']} ({s['torch_threads']} threads)."
     )
-titles = {
-    "fig3": "Fig. 3: triggers from N(0, I) inits (t-SNE)",
-    "fig10": "Fig. 10: triggers from non-memorized prompts (t-SNE)",
-    "fig11": "Fig. 11: L2 distances of embeddings",
-    "fig4": "Fig. 4: activation discrepancy in NeMo's and Wanda's layers",
-    "fig12": "Fig. 12: activation discrepancy in every layer type",
-    "fig5": "Fig. 5: weight agreement",
-    "fig13": "Fig. 13: weights selected per layer",
-}
-for fig, title in titles.items():
+if "seconds" in res.get("activations", {}):
+    a = res["activations"]
+    lines.append(f"- Activation discrepancy of {a['n_adv']} + {a['n_mem']} embeddings: {a['seconds']:.1f} s.")
+for name, table in res.get("agreement", {}).items():
+    if isinstance(table, dict) and "seconds" in table:
+        lines.append(
+            f"- {name} selections for {table['n_adv']} triggers and Fig. 13: {table['seconds']:.1f} s."
+        )
+for fig, title in TITLES.items():
     if fig in out["figures"]:
         lines += ["", f"## {title}", "", f"![{fig}]({out['figures'][fig]})", "", out["notes"][fig]]
 (OUT / "LOCALITY.md").write_text("\n".join(lines) + "\n")

@@ -36,7 +36,7 @@ def test_analyze_locality_end_to_end(items_file, tmp_path, monkeypatch):
     )
     out, js = tmp_path / "run", tmp_path / "out.json"
     argv = ["analyze", "locality", "--model", "tiny-random", "--set", str(items_file), "--item", "m1"]
-    argv += ["--nonmem-set", "nonmem", "--k", "3", "--steps", "2", "--sampling-steps", "2", "--no-progress"]
+    argv += ["--nonmem-set", "nonmem", "--k", "3", "--steps", "2", "--sampling-steps", "1", "--no-progress"]
     assert main([*argv, "--out", str(out), "--json", str(js)]) == 0
 
     res = json.loads(js.read_text())
@@ -57,6 +57,8 @@ def test_analyze_locality_end_to_end(items_file, tmp_path, monkeypatch):
         assert (out / rel).read_bytes()[:4] == b"\x89PNG"
     assert set(res["notes"]) == set(res["figures"]) and "Fig. 4" in res["notes"]["fig4"]
     assert (out / "locality.json").exists()
+    page = (out / "locality.html").read_text()
+    assert page.count("data:image/png;base64,") == 7 and "Fig. 13" in page
 
     # resume: nothing is searched or selected again, same numbers
     def boom(*a, **k):

@@ -196,3 +196,26 @@ def test_timed_search_and_replication_check(tiny):
     assert summary["replicated"] == [True, False] and summary["rate"] == 0.5
     with pytest.raises(DoriError):
         ED.timed_search(Dori(steps=1), tiny, x0, init, [0, 1])
+
+
+def test_notes_state_verdicts_from_numbers():
+    from dori.report.locality_notes import note_agreement, note_discrepancy, note_weights
+
+    act = {"n_adv": 4, "n_mem": 4, "nemo": {"layers": ["a", "b"], "adv": [9.0, 8.0], "mem": [10.0, 10.0]}}
+    act["wanda"] = {"layers": ["c"], "adv": [1.0], "mem": [10.0]}
+    text = note_discrepancy(act)
+    assert "0.90, 0.80" in text and "0.10" in text and "does NOT hold" in text
+    act["wanda"]["adv"] = [6.0]
+    assert "Pattern holds" in note_discrepancy(act)
+    table = {
+        "layers": ["a", "b", "c"],
+        "adv": [0.3, 0.5, 1.0],
+        "mem": [0.4, 0.5, 1.0],
+        "n_adv": 2,
+        "n_mem": 2,
+    }
+    table.update(count_adv=[[5, 6], [2, 2], [0, 0]], count_all_mem=[[5, 6], [2, 2], [0, 0]], unit="weights")
+    agr = {"nemo": {"skipped": "nemo not available"}, "wanda": table}
+    assert "Wanda below 0.6 in most layers: holds" in note_agreement(agr)
+    weights = note_weights(agr)
+    assert "layers never selected: [3]" in weights and "deeper layers select more: no" in weights

@@ -20,6 +20,7 @@ command and tests choose them.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -176,10 +177,11 @@ def activations(model, run: RunDir, item, nonmem, mem, cfg, scorer=None, thresho
     mem_prompts = [mem[i] for i in pick(len(mem), cfg.k, cfg.seed)]
     y_mem = model.encode_text(mem_prompts).float().cpu()
     log(f"activations: {y_adv.shape[0]} triggers vs {y_mem.shape[0]} memorized prompts")
+    start = time.perf_counter()
     res = AD.adv_vs_mem(
         model, y_adv, y_mem, seed=cfg.seed, layer_types=cfg.layer_types, batch_size=cfg.activation_batch
     ).to_dict()
-    res.update(item=item.id, adv_used=used, mem_prompts=mem_prompts)
+    res.update(item=item.id, adv_used=used, mem_prompts=mem_prompts, seconds=time.perf_counter() - start)
     run.put("activations", res)
     return res
 
@@ -232,6 +234,7 @@ def agreement(
         log(
             f"agreement: {name} selections for {y_adv.shape[0]} triggers and {y_all.shape[0]} memorized prompts"
         )
+        start = time.perf_counter()
         adv_sel = _selections(
             run, f"sel.{name}.adv", lambda m=method, s=select, y=y_adv: s(m, model, y), layers
         )
@@ -240,7 +243,9 @@ def agreement(
         )
         mem_sel = [all_sel[i] for i in pick(len(mem), cfg.k, cfg.seed)]
         table = WA.agreement_table(adv_sel, mem_sel, layers)
-        table.update(adv_used=used, n_adv=len(adv_sel), n_mem=len(mem_sel))
+        table.update(
+            adv_used=used, n_adv=len(adv_sel), n_mem=len(mem_sel), seconds=time.perf_counter() - start
+        )
         table["count_all_mem"] = WA.layer_counts(all_sel, layers)  # Fig. 13: every memorized prompt
         table["unit"] = "neurons" if name == "nemo" else "weights"
         table["settings"] = method.settings() if hasattr(method, "settings") else None

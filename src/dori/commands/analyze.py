@@ -1,8 +1,8 @@
 """``dori analyze locality``: the locality analyses of Finding Dori (Section 4.1-4.3) for one item.
 
 Writes into the run directory the results of each analysis as soon as it is done (resumable), the
-figures (``figures/fig*.png``), ``locality.json`` with every number, the per-figure notes and provenance,
-and the same JSON at ``--json``.
+figures (``figures/fig*.png``), ``locality.json`` with every number, the per-figure notes and provenance
+(the same JSON at ``--json``), and ``locality.html``: the figures with their notes in one file.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def run(args) -> int:
     from dori.commands.common import load_model_from_args, write_json
     from dori.data.sets import load_set
     from dori.models.pipeline import SamplingConfig
-    from dori.report.figures_locality import write_figures
+    from dori.report.figures_locality import write_figures, write_html
     from dori.report.locality_notes import locality_notes
     from dori.runs import RunDir, atomic_write_text
 
@@ -155,6 +155,7 @@ def run(args) -> int:
 
     atomic_write_text(run_dir.path / "locality.json", json.dumps(out, indent=1, default=str))
     write_json(args.json, out)
+    write_html(run_dir.path, out["figures"], notes, f"Locality of item {item.id} on {args.model}")
     for fig, note in notes.items():
         print(f"{fig}: {note}\n")
     print(f"figures and locality.json in {run_dir.path}")

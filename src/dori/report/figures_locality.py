@@ -156,7 +156,7 @@ def fig_agreement(agreement: dict, path: str | Path) -> Path:
     for ax, name in zip(axes, ("nemo", "wanda"), strict=True):
         table = agreement.get(name, {"skipped": "not run"})
         if "skipped" in table:
-            _empty(ax, f"{name}: {table['skipped']}")
+            _empty(ax, table["skipped"])
         else:
             _bars(ax, table, "weight agreement (IoU)", (0, 1.05))
         ax.set_title("NeMo" if name == "nemo" else "Wanda", fontsize=10)
@@ -170,7 +170,7 @@ def fig_weights_per_layer(agreement: dict, path: str | Path) -> Path:
     for ax, name in zip(axes, ("nemo", "wanda"), strict=True):
         table = agreement.get(name, {"skipped": "not run"})
         if "skipped" in table:
-            _empty(ax, f"{name}: {table['skipped']}")
+            _empty(ax, table["skipped"])
         else:
             counts = table["count_all_mem"]
             ax.boxplot(counts, tick_labels=[str(i) for i in range(1, len(counts) + 1)], showfliers=True)
@@ -199,3 +199,39 @@ def write_figures(results: dict, folder: str | Path) -> dict[str, str]:
         out["fig5"] = fig_agreement(g, folder / "fig5_weight_agreement.png")
         out["fig13"] = fig_weights_per_layer(g, folder / "fig13_weights_per_layer.png")
     return {k: str(v) for k, v in out.items()}
+
+
+TITLES = {
+    "fig3": "Fig. 3: triggers from N(0, I) inits (t-SNE)",
+    "fig10": "Fig. 10: triggers from non-memorized prompts (t-SNE)",
+    "fig11": "Fig. 11: L2 distances of embeddings",
+    "fig4": "Fig. 4: activation discrepancy in NeMo's and Wanda's layers",
+    "fig12": "Fig. 12: activation discrepancy in every layer type",
+    "fig5": "Fig. 5: weight agreement",
+    "fig13": "Fig. 13: weights selected per layer",
+}
+
+
+def write_html(run_dir: str | Path, figures: dict[str, str], notes: dict[str, str], title: str) -> Path:
+    """A self-contained ``locality.html`` in the run directory: each figure (inlined PNG) with its note."""
+    import base64
+    import html
+
+    from dori.runs import atomic_write_text
+
+    run_dir = Path(run_dir)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append(
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}img{max-width:100%}</style>"
+    )
+    parts.append(f"<h1>{html.escape(title)}</h1>")
+    for fig, heading in TITLES.items():
+        if fig not in figures:
+            continue
+        path = Path(figures[fig])
+        data = base64.b64encode((path if path.is_absolute() else run_dir / path).read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(heading)}</h2><img alt='{fig}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<p>{html.escape(notes.get(fig, ''))}</p>")
+    out = run_dir / "locality.html"
+    atomic_write_text(out, "\n".join(parts) + "\n")
+    return out

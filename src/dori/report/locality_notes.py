@@ -2,7 +2,8 @@
 
 Each note is written from the numbers in the results JSON and says whether the paper's pattern holds.
 The tests of "holds" are stated in each note; where the paper says "comparable" we call a ratio
-Y_adv / Y_mem of at least :data:`COMPARABLE` comparable.
+Y_adv / Y_mem of at least :data:`COMPARABLE` comparable (Y_adv not much less discrepant than Y_mem; a
+ratio above 1, triggers of one image more discrepant than different images, refutes locality as well).
 """
 
 from __future__ import annotations
