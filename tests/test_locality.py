@@ -219,3 +219,15 @@ def test_notes_state_verdicts_from_numbers():
     assert "Wanda below 0.6 in most layers: holds" in note_agreement(agr)
     weights = note_weights(agr)
     assert "layers never selected: [3]" in weights and "deeper layers select more: no" in weights
+
+
+def test_copy_detector_scorer_is_cosine():
+    def detector(images):  # normalized mean colour: a toy descriptor
+        return torch.nn.functional.normalize(images.flatten(2).mean(2), dim=1)
+
+    score = ED.copy_detector_scorer(detector)
+    ref = torch.zeros(3, 4, 4)
+    ref[0] = 1.0
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0], images[1, 1] = 0.5, 1.0
+    assert score(images, ref).tolist() == pytest.approx([1.0, 0.0])

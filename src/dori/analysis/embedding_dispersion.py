@@ -149,10 +149,14 @@ def replication_summary(scores: torch.Tensor, threshold: float) -> dict:
 
 
 def copy_detector_scorer(detector: Callable[[torch.Tensor], torch.Tensor]) -> Scorer:
-    """A :data:`Scorer` from a copy detector returning L2-normalized descriptors (cosine = dot)."""
+    """A :data:`Scorer` from a copy detector returning L2-normalized descriptors (cosine = dot).
+
+    Images are rounded to 8 bits first, as :mod:`dori.evaluation` scores the stored uint8 generations.
+    """
 
     def score(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        ref = detector(reference.unsqueeze(0)).float()
+        images = (images.float().clamp(0, 1) * 255).round() / 255
+        ref = detector(((reference.float().clamp(0, 1) * 255).round() / 255).unsqueeze(0)).float()
         feats = torch.cat([detector(images[i : i + 64]).float() for i in range(0, images.shape[0], 64)])
         return (feats @ ref.T).flatten().cpu()
 
