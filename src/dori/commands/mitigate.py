@@ -1,0 +1,193 @@
+"""``dori mitigate nemo|wanda``: fit a pruning mitigation on an item set and write it to ``--out``.
+
+The folder is a run directory (config, provenance, one result per finished item or group, resumable)
+that also holds the fitted mitigation (``nemo.json`` or ``wanda.json`` + ``masks/``), which
+``dori audit --mitigation nemo:DIR`` (or ``wanda:DIR``) loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
+from dori.errors import DoriError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("mitigate", help="fit NeMo or Wanda on an item set (writes neuron sets / masks)")
+    p.add_argument("method", choices=["nemo", "wanda"], help="the pruning mitigation")
+    add_model_args(p)
+    add_run_args(p)
+    p.set_defaults(seed=None)
+    g = p.add_argument_group("items")
+    g.add_argument(
+        "--set", required=True, help="item set: a world set (vm, tm), an SD set (vm, tm), or a file"
+    )
+    g.add_argument("--limit", type=int, default=None, help="only the first K items of the set")
+    g.add_argument(
+        "--batch-size", type=int, default=None, help="UNet rows (NeMo) / prompts (Wanda) per batch"
+    )
+    g = p.add_argument_group("NeMo (seed default 1)")
+    g.add_argument("--variant", default="reference", choices=["reference", "paper"])
+    g.add_argument("--strong", action="store_true", help="strong NeMo: tau = mean - 1 std")
+    g.add_argument("--tau", type=float, default=None, help="override tau_mem (default: calibrated per model)")
+    g.add_argument("--n-seeds", type=int, default=10, help="seeds per prompt (reference: 10)")
+    g.add_argument("--theta-start", type=float, default=5.0)
+    g.add_argument("--theta-step", type=float, default=0.25)
+    g.add_argument("--theta-min", type=float, default=1.0)
+    g.add_argument("--statistics", default="auto", choices=["auto", "reference", "compute"])
+    g.add_argument(
+        "--calibration-set", default=None, help="held-out prompts (default: heldout / LAION sample)"
+    )
+    g.add_argument("--calibration-limit", type=int, default=None, help="first K calibration prompts")
+    g.add_argument("--chunk", type=int, default=8, help="items searched together (then saved)")
+    g = p.add_argument_group("Wanda (seed default 0)")
+    g.add_argument("--sparsity", type=float, default=0.01, help="top share per row (0.01; 0.02-0.10)")
+    g.add_argument("--timesteps", type=int, default=10, help="union over the first N UNet calls")
+    g.add_argument("--group", default="all", help="all (one mask), prompt (one per item) or N (groups of N)")
+    g.add_argument("--guidance", type=float, default=7.5, help="CFG of the sampling (reference 7.5)")
+    p.set_defaults(func=run)
+
+
+def _progress(args, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not args.progress, file=sys.stderr, leave=False)
+
+
+def run(args) -> int:
+    from dori.data.sets import load_set
+    from dori.runs import RunDir
+
+    model = load_model_from_args(args)
+    items = load_set(args.set, model=model, limit=args.limit)
+    if not items:
+        raise DoriError(f"set {args.set!r} has no items")
+    common = {
+        "method": args.method,
+        "model": args.model,
+        "set": args.set,
+        "limit": args.limit,
+        "dtype": args.dtype,
+    }
+    if args.method == "nemo":
+        return _run_nemo(args, model, items, common, RunDir)
+    return _run_wanda(args, model, items, common, RunDir)
+
+
+def _run_nemo(args, model, items, common, RunDir) -> int:
+    from dori.mitigations.nemo import NeMo, NeMoItem, NeMoResult
+    from dori.mitigations.nemo_calibration import Calibration, default_calibration_prompts
+
+    nemo = NeMo(
+        variant=args.variant, strong=args.strong, tau=args.tau, n_seeds=args.n_seeds,
+        seed=1 if args.seed is None else args.seed, theta_start=args.theta_start, theta_step=args.theta_step,
+        theta_min=args.theta_min, statistics=args.statistics, calibration_limit=args.calibration_limit,
+        batch_size=args.batch_size or 64,
+    )  # fmt: skip
+    settings = {k: v for k, v in nemo.settings().items() if k not in ("batch_size", "cache_dir")}
+    run = RunDir(args.out, {**common, **settings, "calibration_set": args.calibration_set})
+    calib_file = run.path / "calibration.safetensors"
+    if calib_file.exists():
+        calib = Calibration.load(calib_file)
+    else:
+        if args.calibration_set is None:
+            name, prompts = default_calibration_prompts(model)
+        else:
+            name = args.calibration_set
+            prompts = [it.prompt for it in load_set_prompts(args.calibration_set, model)]
+        print(f"NeMo calibration for {args.model} (held-out prompts: {name})", file=sys.stderr)
+        calib = nemo.calibrate(model, prompts, prompt_set=name)
+        calib.save(calib_file)
+    source = calib.info.get("source", "computed")
+    count = f", {calib.info['prompts']} prompts" if "prompts" in calib.info else ""
+    print(f"tau_mem = {nemo.threshold(calib):.4f} ({source}{count})", file=sys.stderr)
+    todo = [it for it in items if not run.has(f"item.{it.id}")]
+    bar = _progress(args, len(items), "nemo")
+    bar.update(len(items) - len(todo))
+    for lo in range(0, len(todo), max(1, args.chunk)):
+        chunk = todo[lo : lo + max(1, args.chunk)]
+        found = nemo.detect(
+            model, model.encode_text([it.prompt for it in chunk]), calib, [it.id for it in chunk]
+        )
+        for it in found:
+            run.put(f"item.{it.id}", asdict(it))
+        bar.update(len(chunk))
+    bar.close()
+    result = NeMoResult(
+        {it.id: NeMoItem(**run.get(f"item.{it.id}")) for it in items},
+        [*calib.means],
+        config=settings,
+        calibration=dict(calib.info, tau=nemo.threshold(calib)),
+        provenance=run.provenance,
+    )
+    result.save(run.path)
+    summary = {
+        "method": "nemo",
+        "out": str(run.path),
+        "tau": nemo.threshold(calib),
+        "items": {
+            k: {"memorized": v.memorized, "neurons": sum(map(len, v.refined.values()))}
+            for k, v in result.items.items()
+        },
+    }
+    n_mem = sum(v.memorized for v in result.items.values())
+    total = sum(s["neurons"] for s in summary["items"].values())
+    print(f"NeMo: {n_mem}/{len(items)} items memorized, {total} neurons in all; written to {run.path}")
+    write_json(args.json, summary)
+    return 0
+
+
+def load_set_prompts(name: str, model):
+    from dori.data.sets import load_set
+    from dori.mitigations.nemo_calibration import laion_holdout_prompts
+
+    if name == "laion-holdout-500":
+        from dori.data.sets import Item
+
+        return [Item(id=str(i), prompt=p) for i, p in enumerate(laion_holdout_prompts())]
+    return load_set(name, model=model)
+
+
+def _run_wanda(args, model, items, common, RunDir) -> int:
+    from dori.mitigations.wanda import Wanda, WandaResult, make_groups, write_group_masks, write_index
+
+    wanda = Wanda(
+        sparsity=args.sparsity, timesteps=args.timesteps, guidance=args.guidance,
+        seed=0 if args.seed is None else args.seed, batch_size=args.batch_size or 8,
+    )  # fmt: skip
+    settings = {k: v for k, v in wanda.settings().items() if k != "batch_size"}
+    run = RunDir(args.out, {**common, **settings, "group": args.group})
+    groups = make_groups([it.id for it in items], args.group)
+    prompts = {it.id: it.prompt for it in items}
+    todo = [(n, g) for n, g in enumerate(groups) if not run.has(f"group.{n:05d}")]
+    bar = _progress(args, len(groups), "wanda")
+    bar.update(len(groups) - len(todo))
+    null = wanda.null_norms(model) if todo else None
+    while todo:  # sample the members of several small groups together, then save group by group
+        batch, size = [], 0
+        while todo and (not batch or size + len(groups[todo[0][1]]) <= wanda.batch_size):
+            batch.append(todo.pop(0))
+            size += len(groups[batch[-1][1]])
+        members = [m for _, gid in batch for m in groups[gid]]
+        sq = wanda.squared_norms(model, model.encode_text([prompts[m] for m in members]))
+        lo = 0
+        for n, gid in batch:
+            k = len(groups[gid])
+            summed = {name: v[:, lo : lo + k].sum(1) for name, v in sq.items()}
+            masks = wanda.masks_from_norms(model, summed, null, k)
+            run.put(f"group.{n:05d}", {"group": gid, **write_group_masks(run.path, n, masks)})
+            lo += k
+            bar.update(1)
+        del sq
+    bar.close()
+    entries = {gid: run.get(f"group.{n:05d}") for n, gid in enumerate(groups)}
+    write_index(run.path, groups, entries, {**settings, "group": str(args.group)}, run.provenance)
+    result = WandaResult.load(run.path)
+    counts = {gid: sum(m.count().values()) for gid, m in result.masks.items()}
+    print(
+        f"Wanda: {len(groups)} mask(s), {sum(counts.values())} weights pruned in all; written to {run.path}"
+    )
+    write_json(args.json, {"method": "wanda", "out": str(run.path), "groups": groups, "pruned": counts})
+    return 0

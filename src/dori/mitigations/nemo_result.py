@@ -1,0 +1,198 @@
+"""Fitted NeMo (per-item neuron sets: apply, save, load) and iterative NeMo (Finding Dori, Appendix H.6)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dori.errors import DoriError
+from dori.mitigations import register_mitigation
+from dori.mitigations.nemo_noise import merge_blockings
+from dori.models.hooks import scale_output_channels
+from dori.models.layers import get_module
+from dori.models.pipeline import T2IModel
+
+if TYPE_CHECKING:
+    from dori.mitigations.nemo import NeMo
+    from dori.mitigations.nemo_calibration import Calibration
+
+
+@dataclass
+class NeMoItem:
+    """NeMo's outcome for one prompt / embedding.
+
+    Attributes:
+        memorized: False when no seed passed the seed filter (then nothing is blocked).
+        kept_seeds: seed indices that passed the filter (the score is the max over them).
+        initial / refined: layer -> neuron indices after the initial selection / the refinement.
+        initial_score / refined_score: memorization score with those neurons blocked.
+        theta, k: where the initial selection stopped; refine_tau: the refinement's threshold.
+        evaluations: memorization scores computed (one batched UNet call each).
+    """
+
+    id: str
+    memorized: bool
+    kept_seeds: list[int]
+    initial: dict[str, list[int]]
+    initial_score: float
+    refined: dict[str, list[int]]
+    refined_score: float
+    theta: float | None = None
+    k: int = 0
+    refine_tau: float | None = None
+    evaluations: int = 0
+
+    def neurons(self) -> dict[str, torch.Tensor]:
+        """Refined neurons as layer -> sorted LongTensor."""
+        return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in self.refined.items()}
+
+
+@register_mitigation("nemo")
+@dataclass
+class NeMoResult:
+    """Fitted NeMo: per-item neuron sets, applied by scaling ``to_v`` output channels (reversibly).
+
+    ``applied(model, item_ids)`` blocks the union of the given items' refined neurons; ``item_ids=None``
+    blocks the union over all items (how Finding Dori computes FID for NeMo, Appendix H.1).
+    """
+
+    items: dict[str, NeMoItem]
+    layers: list[str]
+    config: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    name: str = "nemo"
+    per_item: bool = True
+
+    def neurons(self, item_ids: Sequence[str] | None = None) -> dict[str, list[int]]:
+        """Union of refined neurons over ``item_ids`` (None: all items): layer -> sorted indices."""
+        ids = list(self.items) if item_ids is None else [str(i) for i in item_ids]
+        missing = [i for i in ids if i not in self.items]
+        if missing:
+            raise DoriError(f"NeMo has no neuron set for item(s) {missing[:5]} ({len(self.items)} fitted)")
+        out: dict[str, set[int]] = {layer: set() for layer in self.layers}
+        for i in ids:
+            for layer, idx in self.items[i].refined.items():
+                out.setdefault(layer, set()).update(idx)
+        return {layer: sorted(v) for layer, v in out.items()}
+
+    @contextlib.contextmanager
+    def applied(self, model: T2IModel, item_ids: Sequence[str] | None = None) -> Iterator[None]:
+        """Within the block the items' neurons are scaled by ``config['scale']`` (0); restored on exit."""
+        blocked = {k: v for k, v in self.neurons(item_ids).items() if v}
+        try:
+            for layer in blocked:
+                get_module(model.unet, layer)
+        except KeyError as err:
+            raise DoriError(f"these NeMo neurons do not fit this model: {err}") from err
+        with scale_output_channels(model.unet, blocked, float(self.config.get("scale", 0.0))):
+            yield
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/nemo.json`` (neurons, scores, settings, calibration, provenance)."""
+        from dori.runs import atomic_write_text, provenance
+
+        folder = Path(folder)
+        data = {
+            "method": "nemo",
+            "layers": self.layers,
+            "config": self.config,
+            "calibration": self.calibration,
+            "provenance": self.provenance or provenance(),
+            "items": {k: asdict(v) for k, v in self.items.items()},
+        }
+        atomic_write_text(folder / "nemo.json", json.dumps(data, indent=1, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> NeMoResult:
+        path = Path(folder) / "nemo.json"
+        if not path.exists():
+            raise DoriError(
+                f"{folder} holds no NeMo result (no nemo.json; run dori mitigate nemo --out {folder})"
+            )
+        data = json.loads(path.read_text())
+        if data.get("method") != "nemo":
+            raise DoriError(f"{path} is not a NeMo result")
+        items = {k: NeMoItem(**v) for k, v in data["items"].items()}
+        return cls(
+            items,
+            data["layers"],
+            data.get("config", {}),
+            data.get("calibration", {}),
+            data.get("provenance", {}),
+        )
+
+
+@dataclass
+class NeMoRound:
+    """One round of iterative NeMo: the cumulative neuron sets and the embeddings searched against them."""
+
+    result: NeMoResult
+    embeddings: torch.Tensor
+
+
+def iterative_nemo(
+    nemo: NeMo,
+    model: T2IModel,
+    ids: Sequence[str],
+    cond: torch.Tensor,
+    search: Callable[[int, list[dict[str, list[int]]]], torch.Tensor],
+    rounds: int = 5,
+    calibration: Calibration | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[NeMoRound]:
+    """Iterative NeMo (Finding Dori, Appendix H.6): prune, search new triggers, prune again.
+
+    Round r: NeMo runs on the current embeddings with every neuron found so far already blocked (per
+    item); its new neurons join the item's set; then ``search(r, blocked)`` returns new adversarial
+    embeddings (N, tokens, dim) found against the model with ``blocked[i]`` blocked for item i (e.g. Dori
+    from the prompt embedding, see :func:`make_dori_search`). Round 1 starts from ``cond`` (the prompts).
+
+    Returns:
+        One :class:`NeMoRound` per round: cumulative neuron sets (NeMoResult) and that round's embeddings.
+    """
+    ids = [str(i) for i in ids]
+    calib = calibration or nemo.calibrate(model)
+    blocked: list[dict[str, list[int]]] = [{} for _ in ids]
+    emb = cond
+    out = []
+    for r in range(rounds):
+        found = nemo.detect(model, emb, calib, ids, base_blockings=blocked)
+        blocked = [merge_blockings(b, item.refined) for b, item in zip(blocked, found, strict=True)]
+        for item, b in zip(found, blocked, strict=True):
+            item.refined = {k: sorted(v) for k, v in b.items()}
+        emb = search(r, blocked).detach().float().cpu()
+        if emb.shape[0] != len(ids):
+            raise DoriError(f"the search returned {emb.shape[0]} embeddings for {len(ids)} items")
+        result = NeMoResult(
+            {it.id: it for it in found}, list(found[0].refined) if found else [],
+            config={**nemo.settings(), "round": r + 1}, calibration=dict(calib.info, tau=nemo.threshold(calib)),
+        )  # fmt: skip
+        out.append(NeMoRound(result, emb))
+        if progress is not None:
+            progress(r + 1)
+    return out
+
+
+def make_dori_search(
+    dori: Callable, model: T2IModel, x0: torch.Tensor, init: torch.Tensor, seeds: Sequence[int]
+) -> Callable[[int, list[dict[str, list[int]]]], torch.Tensor]:
+    """A ``search`` for :func:`iterative_nemo`: run ``dori`` (a :class:`dori.attacks.dori.Dori`) per item,
+    from ``init[i]``, against the model with that item's neurons blocked; round r uses seed ``seeds[i] + r``."""
+
+    def search(r: int, blocked: list[dict[str, list[int]]]) -> torch.Tensor:
+        out = []
+        for i, b in enumerate(blocked):
+            with scale_output_channels(model.unet, {k: v for k, v in b.items() if v}, 0.0):
+                res = dori(model, x0[i : i + 1], init[i : i + 1], [int(seeds[i]) + r])
+            out.append(res.embeddings)
+        return torch.cat(out)
+
+    return search

@@ -1,0 +1,321 @@
+"""NeMo on the tiny model and on synthetic scores; MS-SSIM against a direct computation."""
+
+import math
+
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.metrics.ssim import MSSSIMSettings, ms_ssim, ms_ssim_settings
+from dori.mitigations import nemo_calibration
+from dori.mitigations.nemo import NeMo, NeMoResult, iterative_nemo
+from dori.mitigations.nemo_calibration import Calibration, is_sd14, reference_statistics, value_activations
+from dori.mitigations.nemo_noise import (
+    NoiseSettings,
+    detection_timestep,
+    initial_latents,
+    masks_for_rows,
+    noise_differences,
+    normalize_per_channel,
+)
+from dori.models.hooks import scale_output_channels
+from dori.models.layers import value_layers
+
+PROMPTS = ["a red circle on blue", "a small green square", "two yellow stars", "a cat on a mat"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not suffer when other jobs share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("nemo-cache")
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, cache_dir):
+    return NeMo(n_seeds=4, cache_dir=str(cache_dir)).calibrate(tiny, PROMPTS, prompt_set="test")
+
+
+# ------------------------------------------------------------------ MS-SSIM
+def _naive_ssim(x, y, k, sigma, data_range=1.0):
+    """Single-scale mean SSIM over valid window positions, by explicit loops."""
+    c = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    g = torch.exp(-0.5 * (c / sigma) ** 2)
+    w = torch.outer(g, g) / torch.outer(g, g).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    vals = []
+    for ch in range(x.shape[0]):
+        for i in range(x.shape[1] - k + 1):
+            for j in range(x.shape[2] - k + 1):
+                a, b = x[ch, i : i + k, j : j + k], y[ch, i : i + k, j : j + k]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * a * a).sum() - ma**2, (w * b * b).sum() - mb**2
+                cov = (w * a * b).sum() - ma * mb
+                vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return torch.stack(vals).mean()
+
+
+def test_ms_ssim_single_scale_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 9, 9, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.rand(1, 2, 9, 9, generator=g, dtype=torch.float64)).clamp(0, 1)
+    got = ms_ssim(x, y, MSSSIMSettings(kernel_size=5, sigma=1.0, betas=(1.0,)), data_range=1.0)
+    torch.testing.assert_close(got[0], _naive_ssim(x[0], y[0], 5, 1.0))
+
+
+def test_ms_ssim_matches_torchmetrics_1_3_2():
+    """Expected values from torchmetrics 1.3.2 (the NeMo reference's version), computed on these inputs with
+    ``multiscale_structural_similarity_index_measure(x, y, reduction="none", kernel_size=11,
+    betas=(0.33, 0.33, 0.33))`` (data range from the data, as NeMo calls it)."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.rand(3, 4, 48, 48, generator=g)
+    y = x + torch.tensor([0.1, 0.4, 1.0]).view(3, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    lo, hi = y.amin((2, 3), keepdim=True), y.amax((2, 3), keepdim=True)
+    y = (y - lo) / (hi - lo)
+    expected = torch.tensor([0.8833866715431213, 0.49931129813194275, 0.22937409579753876])
+    torch.testing.assert_close(ms_ssim(x, y), expected, atol=1e-5, rtol=0)
+
+
+def test_ms_ssim_identity_and_monotone_in_noise():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 4, 64, 64, generator=g)
+    assert ms_ssim_settings(64, 64) == MSSSIMSettings()  # NeMo's 11 / 1.5 / 3 x 0.33 on SD latents
+    torch.testing.assert_close(ms_ssim(x, x), torch.ones(4))
+    scores = [
+        float(ms_ssim(x, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1)).mean())
+        for s in (0.05, 0.2, 0.6)
+    ]
+    assert 1 > scores[0] > scores[1] > scores[2] >= 0
+    small = torch.rand(3, 4, 8, 8, generator=g)  # tiny-model latents: the fallback settings
+    torch.testing.assert_close(ms_ssim(small, small), torch.ones(3))
+    assert float(ms_ssim(small, torch.rand(3, 4, 8, 8, generator=g)).mean()) < 0.5
+
+
+def test_ms_ssim_settings_fallback_and_errors():
+    s = ms_ssim_settings(32, 32)
+    assert s.kernel_size == 7 and len(s.betas) == 3 and math.isclose(s.sigma, 1.5 * 7 / 11)
+    assert ms_ssim_settings(8, 8).betas == (0.33, 0.33) and ms_ssim_settings(8, 8).kernel_size == 3
+    with pytest.raises(DoriError, match="too small"):
+        ms_ssim_settings(2, 2)
+    with pytest.raises(DoriError, match="too small"):
+        ms_ssim(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), MSSSIMSettings())
+
+
+# ------------------------------------------------------------------ the selection algorithm on synthetic scores
+def _drive(nemo, acts, calib, tau, score_fn, max_neurons=32):
+    gen = nemo.search(acts, calib, tau, max_neurons)
+    asked = [next(gen)]
+    try:
+        while True:
+            asked.append(gen.send(score_fn(asked[-1])))
+    except StopIteration as stop:
+        return stop.value, asked
+
+
+def _synthetic():
+    layers = ["L0", "L1"]
+    means = {"L0": torch.full((16,), 1.0), "L1": torch.full((32,), 1.0)}
+    stds = {"L0": torch.full((16,), 1.0), "L1": torch.full((32,), 1.0)}
+    acts = {"L0": torch.linspace(1.5, 1.9, 16), "L1": torch.linspace(1.1, 1.6, 32)}
+    acts["L0"][3] = -1.1  # z = 2.1 (the only z above 0.9) but the smallest raw activation
+    return layers, acts, Calibration(means, stds, 0.3, 0.1)
+
+
+def test_selection_finds_the_one_memorization_neuron():
+    _, acts, calib = _synthetic()
+    nemo = NeMo()
+
+    def score(blocking):  # memorization persists unless neuron 3 of L0 is blocked
+        return 0.1 if 3 in blocking["L0"] else 0.9
+
+    out, asked = _drive(nemo, acts, calib, 0.4, score)
+    # theta 5, 4.75, ..., 2.0: neuron 3 (z = 2.1) enters at theta = 2.0, after 12 steps (k = 12)
+    assert out["theta"] == 2.0 and out["k"] == 12 and out["initial_score"] == 0.1
+    assert 3 in out["initial"]["L0"] and len(out["initial"]["L1"]) == 12
+    assert out["refined"] == {"L0": [3], "L1": []} and out["refined_score"] == 0.1
+    assert out["refine_tau"] == 0.4
+    # refinement: L1 dropped as a whole (1 evaluation), then each of L0's 13 neurons, then the final score
+    assert len(asked) == 13 + 2 + 13 + 1
+
+
+def test_selection_stops_at_theta_floor_and_keeps_the_score_as_threshold():
+    _, acts, calib = _synthetic()
+    nemo = NeMo()
+    out, asked = _drive(nemo, acts, calib, 0.4, lambda b: 0.9)
+    assert out["theta"] == 1.0 and out["k"] == 16  # 16 reductions; theta = 1 itself is never evaluated
+    assert out["initial"] == nemo._initial(acts, calib, 1.25, 15)
+    assert out["refine_tau"] == 0.9  # nothing scores below 0.9: refinement keeps everything
+    assert out["refined"] == out["initial"]
+
+
+def test_paper_variant_ranks_top_k_by_z():
+    _, acts, calib = _synthetic()
+    ref = NeMo()._initial(acts, calib, math.inf, 1)
+    paper = NeMo(variant="paper")._initial(acts, calib, math.inf, 1)
+    assert ref["L0"] == [15]  # the largest raw activation
+    assert paper["L0"] == [3]  # the largest z
+    with pytest.raises(DoriError):
+        NeMo(variant="nope")
+    with pytest.raises(DoriError):
+        NeMo(use_theta=False, use_top_k=False)
+
+
+# ------------------------------------------------------------------ on the tiny model
+def test_reference_statistics_shape_and_mismatch(tiny):
+    means, stds = reference_statistics()
+    assert [v.numel() for v in means.values()] == [320, 320, 640, 640, 1280, 1280, 1280]
+    assert all((s > 0).all() for s in stds.values())
+    with pytest.raises(DoriError, match="layers"):
+        reference_statistics(tiny)
+
+
+def test_calibration_cached_and_consistent(tiny, calib, cache_dir, tmp_path, monkeypatch):
+    assert calib.tau() == pytest.approx(calib.ssim_mean + calib.ssim_std)
+    assert calib.tau(strong=True) < calib.tau()
+    assert (
+        NeMo(strong=True).threshold(calib) == calib.tau(strong=True) and NeMo(tau=0.2).threshold(calib) == 0.2
+    )
+    acts = value_activations(tiny, tiny.encode_text(PROMPTS))
+    for layer in value_layers(tiny.unet):
+        torch.testing.assert_close(calib.means[layer], acts[layer].mean(0))
+        torch.testing.assert_close(calib.stds[layer], acts[layer].std(0))
+    calib.save(tmp_path / "c.safetensors")
+    back = Calibration.load(tmp_path / "c.safetensors")
+    assert back.ssim_mean == calib.ssim_mean and back.info == calib.info
+    assert len(list(cache_dir.glob("calibration-*.safetensors"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed instead of read from the cache")
+
+    monkeypatch.setattr(nemo_calibration, "pairwise_ssim_values", fail)
+    again = nemo_calibration.calibrate(
+        tiny, "abs-mean", NeMo()._v["threshold"], ms_ssim_settings(8, 8), n_seeds=4,
+        prompts=PROMPTS, prompt_set="test", cache_dir=cache_dir,
+    )  # fmt: skip
+    assert again.ssim_std == calib.ssim_std
+    torch.testing.assert_close(again.means, calib.means)
+
+
+def test_row_masks_equal_channel_scaling(tiny):
+    layer = value_layers(tiny.unet)[0]
+    y = tiny.encode_text(PROMPTS[:2]).repeat_interleave(2, 0)
+    lat = initial_latents(tiny, 2, 1).repeat(2, 1, 1, 1)
+    ns = NoiseSettings()
+    masks = masks_for_rows(tiny, value_layers(tiny.unet), [{layer: [1, 5]}, {}, {layer: [1, 5]}, {}])
+    batched = noise_differences(tiny, y, lat, ns, masks)
+    with scale_output_channels(tiny.unet, {layer: [1, 5]}):
+        blocked = noise_differences(tiny, y[[0, 2]], lat[[0, 2]], ns)
+    plain = noise_differences(tiny, y[[1, 3]], lat[[1, 3]], ns)
+    torch.testing.assert_close(batched[[0, 2]], blocked, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched[[1, 3]], plain, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def _small(**kw):
+    return NeMo(n_seeds=4, theta_start=1.75, **kw)
+
+
+def test_detect_is_deterministic_and_batch_independent(tiny, calib):
+    y = tiny.encode_text(PROMPTS[:2])
+    nemo = _small(tau=0.05)
+    a = nemo.detect(tiny, y, calib)
+    b = nemo.detect(tiny, y, calib)
+    assert a == b
+    assert all(it.memorized and it.evaluations > 0 for it in a)
+    single = nemo.detect(tiny, y[1:], calib, ids=["1"])
+    assert single[0].refined == a[1].refined
+    assert {k: v.tolist() for k, v in nemo.select(tiny, y[1], calib).items()} == {
+        k: sorted(v) for k, v in a[1].refined.items()
+    }
+
+
+def test_seed_filter_marks_unmemorized(tiny, calib):
+    item = _small(tau=1.0).detect(tiny, tiny.encode_text(PROMPTS[:1]), calib)[0]
+    assert not item.memorized and item.kept_seeds == []
+    assert all(v == [] for v in item.refined.values())
+
+
+def test_result_applies_restores_and_round_trips(tiny, calib, tmp_path):
+    nemo = _small(tau=0.05)
+    res = nemo.fit(tiny, PROMPTS[:2], calibration=calib)
+    assert set(res.items) == {"0", "1"} and res.layers == value_layers(tiny.unet)
+    union = res.neurons()
+    assert sum(map(len, union.values())) > 0
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    y = tiny.encode_text(PROMPTS[:1])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    ref = tiny.unet(x, t, encoder_hidden_states=y).sample
+    with res.applied(tiny):
+        out = tiny.unet(x, t, encoder_hidden_states=y).sample
+    assert not torch.allclose(out, ref)
+    torch.testing.assert_close(tiny.unet(x, t, encoder_hidden_states=y).sample, ref, rtol=0, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in tiny.unet.state_dict().items())
+    res.save(tmp_path)
+    back = NeMoResult.load(tmp_path)
+    assert back.items == res.items and back.neurons(["1"]) == res.neurons(["1"])
+    with back.applied(tiny, ["0", "1"]):
+        torch.testing.assert_close(tiny.unet(x, t, encoder_hidden_states=y).sample, out)
+    with pytest.raises(DoriError, match="no neuron set"):
+        back.neurons(["nope"])
+
+
+def test_iterative_nemo_accumulates(tiny, calib):
+    nemo = _small(tau=0.05)
+    y = tiny.encode_text(PROMPTS[:2])
+    seen = []
+
+    def search(r, blocked):
+        seen.append([{k: list(v) for k, v in b.items()} for b in blocked])
+        return y + 0.5 * torch.randn(y.shape, generator=torch.Generator().manual_seed(r))
+
+    rounds = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=2, calibration=calib)
+    assert len(rounds) == 2 and rounds[1].embeddings.shape == y.shape
+    for i in ("a", "b"):
+        first, second = rounds[0].result.items[i].refined, rounds[1].result.items[i].refined
+        assert all(set(first[k]) <= set(second[k]) for k in first)
+    assert {k: set(v) for k, v in seen[0][0].items()} == {
+        k: set(v) for k, v in rounds[0].result.items["a"].refined.items()
+    }
+
+
+def test_noise_difference_settings(tiny):
+    y = tiny.encode_text(PROMPTS[:1])
+    lat = initial_latents(tiny, 1, 1)
+    torch.testing.assert_close(lat, torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)))
+    ref = NoiseSettings()  # detection: second DDIM timestep (961 with 50 steps), no guidance
+    assert int(detection_timestep(tiny, ref)) == 961
+    assert int(detection_timestep(tiny, NoiseSettings(timestep_index=0))) == 981
+    t = torch.tensor([961])
+    with torch.no_grad():
+        u = tiny.unet(lat, t, encoder_hidden_states=tiny.null_embedding()).sample
+        c = tiny.unet(lat, t, encoder_hidden_states=y).sample
+    torch.testing.assert_close(noise_differences(tiny, y, lat, ref), normalize_per_channel(c - lat))
+    cfg = noise_differences(tiny, y, lat, NoiseSettings(guidance=7.0))
+    torch.testing.assert_close(cfg, normalize_per_channel(u + 7 * (c - u) - lat), atol=1e-5, rtol=1e-4)
+    swapped = noise_differences(tiny, y, lat, NoiseSettings(guidance=7.0, swapped_cfg=True))
+    torch.testing.assert_close(swapped, normalize_per_channel(c + 7 * (u - c) - lat), atol=1e-5, rtol=1e-4)
+    d = noise_differences(tiny, y, lat, ref)
+    assert d.amin() == 0 and d.amax() == 1
+
+
+def test_paper_variant_runs_with_guidance(tiny, calib):
+    item = NeMo(variant="paper", n_seeds=3, theta_start=1.5, tau=0.05).detect(
+        tiny, tiny.encode_text(PROMPTS[:1]), calib
+    )[0]
+    assert item.memorized and item.evaluations > 0
+
+
+def test_sd14_is_recognized_by_name(tiny):
+    assert not is_sd14(tiny)
+    tiny.name = "CompVis/stable-diffusion-v1-4"
+    try:
+        assert is_sd14(tiny)
+    finally:
+        tiny.name = "tiny-random"
