@@ -319,3 +319,25 @@ def test_sd14_is_recognized_by_name(tiny):
         assert is_sd14(tiny)
     finally:
         tiny.name = "tiny-random"
+
+
+@pytest.mark.parametrize("arch", ["1.4", "2-base"])
+def test_layer_targets_on_sd_architectures(arch):
+    """SD v1.4's value layers match the shipped statistics; SD 2's (1024-wide text) are found by name too."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from dori.models.builders import SD2_UNET, SD14_UNET
+    from dori.models.layers import ffn_layers, get_module
+
+    with torch.device("meta"):  # shapes only, no memory
+        unet = UNet2DConditionModel(**(SD14_UNET if arch == "1.4" else SD2_UNET))
+    layers = value_layers(unet)
+    assert len(layers) == 7 and len(ffn_layers(unet)) == 16
+    if arch == "1.4":
+        means, stds = reference_statistics()
+        assert layers == list(means)
+        Calibration(means, stds, 0.358, 0.070).check(SimpleNamespace(unet=unet))
+    else:
+        assert {get_module(unet, n).in_features for n in layers} == {1024}
