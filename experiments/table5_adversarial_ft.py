@@ -1,0 +1,275 @@
+"""Finding Dori, Tables 3 and 5 (Section 4.4, Appendix G.2, I.5, I.7): adversarial fine-tuning against ESD,
+Concept Ablation, SISS and the LoRA variant, audited with Dori, on a world.
+
+Command (from the repository root)::
+
+    . .venv/bin/activate && python experiments/table5_adversarial_ft.py
+
+Stages, each resumable (run the command again after a kill; finished work is skipped):
+
+1. NeMo fitted on SET: the mitigation the surrogate images are generated under (``dori mitigate nemo``).
+2. Adversarial fine-tuning, EPOCHS epochs, surrogates under NeMo (``dori finetune adversarial``), with the
+   Appendix I.7 check on CHECK_UTILITY utility pairs; then the LoRA variant on the same surrogates.
+3. The baselines: ESD-x, Concept Ablation (anchors from the world's caption grammar), SISS per item
+   (keep set = the same surrogates, forget set = the training image).
+4. The audit, with :mod:`dori.evaluation` on the same items and seeds for every model: each model from the
+   memorized prompts and with Dori (DORI_STEPS steps, prompt and random init), SSCD_gen against the
+   unmitigated model's generations, FID/KID on UTILITY_SET, A_CLIP on HELDOUT rows.
+5. ``OUT/table5.json`` (the audit schema: ``rows`` with ``key`` ``none``, ``none+dori``, ``esd``, ``esd+dori``,
+   ``ca``, ``ca+dori``, ``siss``, ``siss+dori``, ``advft``, ``advft+dori``, ``advft-lora``, ``advft-lora+dori``,
+   the ``-random`` rows for random init, ``heldout.*`` rows; ``paper``; ``cost``; ``provenance``) and
+   ``OUT/TABLE5.md`` with the paper's numbers beside the measured ones.
+
+Edit the config and rerun to change anything; a changed setting needs a new OUT.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from dori.attacks.dori import Dori
+from dori.audit import run_dori
+from dori.cli import main
+from dori.data.sets import load_set
+from dori.evaluation import EvalConfig, Setting, evaluate_items, summarize, utility_scores
+from dori.metrics.backends import load_backends
+from dori.models.loading import load_model
+from dori.models.pipeline import SamplingConfig
+from dori.report.tables import format_table
+from dori.runs import RunDir, atomic_write_text
+
+# ---------------------------------------------------------------- config
+MODEL = "miniworld"
+SET = "vm"  # the memorized items to remove
+LIMIT = None  # first K items of SET (None: all)
+UTILITY_TRAIN = "unique"  # non-memorized pairs for L_DM (the paper: LAION pairs)
+N_UTILITY_TRAIN = 2000
+UTILITY_SET = "heldout"  # FID/KID prompts and reference images; also the A_CLIP rows
+N_UTILITY = 500
+N_HELDOUT = 100  # heldout items for the A_CLIP rows
+SEED = 0
+OUT = Path("runs/table5-miniworld")
+EXTRA: list[str] = []  # e.g. ["--device", "cuda"]
+NEMO: list[str] = []  # extra `dori mitigate nemo` options
+SURROGATES = ["--surrogates-per-item", "4", "--sample-steps", "50", "--guidance", "7"]
+# adversarial fine-tuning (lr, batches and embeddings per item are chosen on the miniworld: docs/adversarial_ft.md)
+EPOCHS = 5
+ADV = ["--lr", "1e-5", "--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"]
+LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant
+CHECK_UTILITY = 100  # Appendix I.7: utility pairs checked for new memorization
+# baselines (reference settings; the Dori paper ran ESD ~90 and CA ~107 steps per memorized prompt)
+ESD_PER_ITEM = 90
+CA_PER_ITEM = 107
+CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
+SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
+# audit
+DORI_STEPS = 50
+INITS = ("prompt", "random")
+N_GENS = 10
+SAMPLE_STEPS = 50
+GUIDANCE = 7.0
+
+# the paper's numbers (SD v1.4, VM; Tables 3 and 5): sscd_orig, sscd_gen, a_clip, mr, fid
+PAPER = {
+    "none": (0.90, None, 0.33, 0.98, 14.44),
+    "esd": (0.24, 0.27, 0.34, 0.11, 13.45),
+    "esd+dori": (0.90, 0.97, 0.33, 0.98, None),
+    "ca": (0.39, 0.49, 0.34, 0.29, 16.03),
+    "ca+dori": (0.91, 0.96, 0.32, 0.97, None),
+    "siss+dori": (0.60, None, None, 0.39, None),
+    "advft": (0.15, 0.15, 0.33, 0.00, 13.61),
+    "advft+dori": (0.36, 0.54, 0.30, 0.02, None),
+}
+cost: dict = json.loads((OUT / "cost.json").read_text()) if (OUT / "cost.json").exists() else {}
+
+
+def dori(*argv: str) -> None:
+    print("dori " + " ".join(argv), flush=True)
+    rc = main(list(argv))
+    if rc != 0:
+        sys.exit(rc)
+
+
+def timed(name: str, done: Path, *argv: str) -> None:
+    """Run one dori command unless ``done`` exists; record its wall time."""
+    if done.exists():
+        return
+    start = time.perf_counter()
+    dori(*argv)
+    spent(name, start)
+
+
+def spent(name: str, start: float) -> None:
+    """Add the wall time since ``start`` to ``cost[name]`` (summed over reruns, saved in OUT/cost.json)."""
+    cost[name] = round(cost.get(name, 0.0) + time.perf_counter() - start, 1)
+    atomic_write_text(OUT / "cost.json", json.dumps(cost, indent=1))
+
+
+# ---------------------------------------------------------------- 1-3: fit and fine-tune
+model = load_model(MODEL)
+items = load_set(SET, model, limit=LIMIT)
+n = len(items)
+where = ["--model", MODEL, "--set", SET, *EXTRA] + (["--limit", str(LIMIT)] if LIMIT else [])
+base = [*where, "--seed", str(SEED)]
+nemo = OUT / "nemo"
+surr = OUT / "advft" / "surrogates"
+train = [
+    *base,
+    "--utility-set",
+    UTILITY_TRAIN,
+    "--n-utility",
+    str(N_UTILITY_TRAIN),
+    "--epochs",
+    str(EPOCHS),
+    *ADV,
+]
+timed("nemo", nemo / "nemo.json", "mitigate", "nemo", *where, *NEMO, "--out", str(nemo))  # NeMo's own seed
+timed(
+    "advft",
+    OUT / "advft" / "finetune.json",
+    *("finetune", "adversarial", *train, "--surrogate-mitigation", f"nemo:{nemo}", *SURROGATES),
+    *("--check-utility", str(CHECK_UTILITY), "--out", str(OUT / "advft")),
+)
+timed(
+    "advft-lora",
+    OUT / "advft-lora" / "finetune.json",
+    *(
+        "finetune",
+        "adversarial",
+        *train,
+        "--surrogates",
+        str(surr),
+        "--lora",
+        *LORA,
+        "--out",
+        str(OUT / "advft-lora"),
+    ),
+)
+timed(
+    "esd",
+    OUT / "esd" / "finetune.json",
+    *("finetune", "esd", *base, "--iterations", str(ESD_PER_ITEM * n), "--out", str(OUT / "esd")),
+)
+timed(
+    "ca",
+    OUT / "ca" / "finetune.json",
+    *(
+        "finetune",
+        "ca",
+        *base,
+        "--iterations",
+        str(CA_PER_ITEM * n),
+        "--anchor-images",
+        str(CA_ANCHOR_IMAGES),
+    ),
+    *("--out", str(OUT / "ca")),
+)
+timed(
+    "siss",
+    OUT / "siss.json",
+    *("finetune", "siss", *base, "--surrogates", str(surr), *SISS, "--out", str(OUT / "siss")),
+    *("--json", str(OUT / "siss.json")),
+)
+
+# ---------------------------------------------------------------- 4: audit
+backends = load_backends(model)
+config = EvalConfig(n_gens=N_GENS, sampling=SamplingConfig(steps=SAMPLE_STEPS, guidance=GUIDANCE), seed=SEED)
+run = RunDir(
+    OUT / "audit", {"model": MODEL, "set": SET, "limit": LIMIT, "dori_steps": DORI_STEPS, "seed": SEED}
+)
+search = Dori(steps=DORI_STEPS)
+indices = list(range(n))
+util_items = load_set(UTILITY_SET, model, limit=N_UTILITY)
+util_prompts = [it.prompt for it in util_items]
+heldout = load_set(UTILITY_SET, model, limit=N_HELDOUT)  # A_CLIP rows on captions never trained on
+rows: list[dict] = []
+
+
+def settings_of(key: str, ref: str | None) -> list[Setting]:
+    """The rows of one model state: from the prompts, then with Dori from each init."""
+    out = [Setting(key, key, reference=ref)]
+    for init in INITS:
+        dk = f"{key}+dori" + ("" if init == "prompt" else "-random")
+        out.append(Setting(dk, dk, attack="dori", dori_steps=DORI_STEPS, init=init, reference=ref))
+    return out
+
+
+def evaluate(m, key: str, setting: Setting, sub: list, idx: list[int]) -> list[dict]:
+    """Generate and score one setting (a Dori search first, for attack rows) on items ``sub``."""
+    emb = None
+    if setting.attack == "dori":
+        emb = run_dori(m, sub, idx, search, run, f"{key}.{setting.init}", config, init=setting.init)[
+            DORI_STEPS
+        ]
+    return evaluate_items(m, sub, idx, backends, run, setting, config, embeddings=emb)
+
+
+def audit(key: str, m) -> None:
+    """Rows ``key``, ``key+dori``, ``key+dori-random`` on SET, FID/KID, and ``heldout.key`` (A_CLIP)."""
+    start = time.perf_counter()
+    ref = None if key == "none" else "none"
+    extra = {}
+    if backends.features is not None:
+        util = utility_scores(
+            m, util_prompts, lambda: [it.image for it in util_items], backends, run, key, config
+        )
+        extra = {"fid": util["fid"], "kid": util["kid"], "utility_set": UTILITY_SET}
+    for setting in settings_of(key, ref):
+        rows.append(
+            dict(summarize(evaluate(m, key, setting, items, indices), setting, SET, backends.threshold))
+        )
+        rows[-1].update(extra)
+    held = Setting(f"heldout.{key}", f"heldout.{key}")
+    records = evaluate_items(m, heldout, list(range(len(heldout))), backends, run, held, config)
+    rows.append(summarize(records, held, UTILITY_SET, backends.threshold))
+    spent(f"audit.{key}", start)
+
+
+audit("none", model)
+for key in ("esd", "ca", "advft", "advft-lora"):
+    audit(key, load_model(str(OUT / key)))
+
+# SISS: one model per item (each started from the original model), each audited on its own item only; no
+# FID or heldout rows (they would mix models)
+start = time.perf_counter()
+siss_models = json.loads((OUT / "siss.json").read_text())["models"]
+siss_items = [(j, it) for j, it in enumerate(items) if it.id in siss_models]
+for j, it in siss_items:
+    m = load_model(siss_models[it.id])
+    for setting in settings_of("siss", "none"):
+        evaluate(m, "siss", setting, [it], [j])
+for setting in settings_of("siss", "none"):
+    records = [run.get(f"item.{setting.key}.{it.id}") for _, it in siss_items]
+    rows.append(dict(summarize(records, setting, SET, backends.threshold), n_models=len(siss_items)))
+spent("audit.siss", start)
+
+# ---------------------------------------------------------------- 5: write
+advft_log = [json.loads(line) for line in (OUT / "advft" / "losses.jsonl").read_text().splitlines()]
+epochs = [r for r in advft_log if r.get("kind") == "epoch"]
+i7 = OUT / "advft" / "utility_memorization.json"
+paper = {
+    k: dict(zip(("sscd_orig", "sscd_gen", "a_clip", "mr", "fid"), v, strict=True)) for k, v in PAPER.items()
+}
+result = {
+    "model": MODEL,
+    "set": SET,
+    "rows": rows,
+    "paper": paper,
+    "utility_memorization": json.loads(i7.read_text()) if i7.exists() else None,
+    "cost_seconds": cost,  # wall time per stage, summed over (re)runs; a finished stage adds nothing
+    "advft_epochs": epochs,  # per epoch: losses, Dori and update seconds
+    "provenance": run.provenance,
+}
+atomic_write_text(OUT / "table5.json", json.dumps(result, indent=2, default=str))
+lines = [
+    f"# Tables 3 and 5 on {MODEL} (`{SET}`, {n} items)",
+    "",
+    "Command: `python experiments/table5_adversarial_ft.py`",
+    "",
+]
+lines += [format_table(rows, fmt="markdown"), "", "Paper (SD v1.4, VM):", ""]
+lines += [f"- {k}: " + ", ".join(f"{m} {v}" for m, v in p.items() if v is not None) for k, p in paper.items()]
+atomic_write_text(OUT / "TABLE5.md", "\n".join(lines) + "\n")
+print(format_table(rows))
+print(f"written: {OUT / 'table5.json'}, {OUT / 'TABLE5.md'}")

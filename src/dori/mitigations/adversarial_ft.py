@@ -1,0 +1,355 @@
+"""Adversarial fine-tuning: remove memorized images for good (Finding Dori, Section 4.4, Algorithm 2, App. I).
+
+Given memorized items (x_mem, p_mem), surrogate images x_surr per item (:mod:`dori.mitigations.surrogates`:
+generations under a pruning mitigation that are not replicas) and non-memorized image-caption pairs::
+
+    for epoch in 1..E:
+        y_adv[i] <- Dori(x_mem[i], init)  for every item i, against the current model, in one batched search
+                    init = p_mem's embedding on odd epochs, N(0, I) on even epochs      (Algorithm 2)
+        for each item i (shuffled):
+            repeat S times:                                      (S = 3, the paper's default, App. I.4)
+                x_surr ~ surrogates of i;  (x, p) ~ non-memorized pairs
+                L = ||eps - f(x_surr_t, t, y_adv[i])||^2 + ||eps' - f(x_t', t', enc(p))||^2
+                    (both halves in one concatenated forward pass, App. I.1)
+                AdamW step on the whole UNet (text encoder frozen), gradients clipped
+
+The Dori searches of an epoch run together at the start of the epoch (one batched call, against the model
+as it is then); Algorithm 2 searches item i after the updates for items < i of the same epoch. With
+``items_per_step=1`` and ``embeddings_per_item=1`` every update is Algorithm 2's.
+
+Options cover Appendix I: the ablations of Table 16 (``steps_per_embedding=1``, ``utility_loss=False``,
+``mitigation_loss=False``), the Dori steps and init variants of Tables 14-15 (``dori_steps``,
+``init_schedule``), and LoRA adapters instead of full fine-tuning (``lora_rank``, ``lora_convs``; App. I.5).
+
+The learning rate, batch sizes and number of adversarial embeddings per image are not published. The
+defaults here are chosen by experiment on the miniworld; ``docs/adversarial_ft.md`` records the sweep, the
+chosen values and the reasons.
+
+With ``out``, every finished epoch is written to ``out/checkpoints/epoch-NNNN/`` as a diffusers folder
+(safetensors) plus ``train_state.pt`` (epoch, optimizer, random generator; the LoRA adapters in
+``lora.safetensors``), losses go to ``out/losses.jsonl``, and the final model to ``out`` itself. Calling
+again with the same settings resumes after the last finished epoch and gives the same model as a run that
+was never interrupted; a larger ``epochs`` continues a finished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from dori.attacks.dori import Dori, initial_embeddings
+from dori.data.sets import Item
+from dori.errors import DoriError
+from dori.mitigations import lora as lora_mod
+from dori.mitigations.checkpoints import LossLog, check_config, resume, save_checkpoint
+from dori.mitigations.surrogates import SurrogateSet
+from dori.mitigations.training import encode_in_batches, finish, item_images, save_finetuned, trainable_copy
+from dori.models.pipeline import T2IModel
+
+INIT_SCHEDULES = ("alternate", "prompt", "random")
+
+
+@dataclass
+class AdversarialFineTuning:
+    """Algorithm 2 (see module docstring).
+
+    Args:
+        epochs: E, passes over the memorized items (paper: 5).
+        steps_per_embedding: S, update steps per adversarial embedding (paper default 3; Table 16 "One Step": 1).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: max global gradient norm (None: no clipping).
+        items_per_step: memorized items in one update (1 = Algorithm 2).
+        embeddings_per_item: adversarial embeddings searched per item and epoch; each pairs with its own
+            surrogate draw in every update of that item.
+        utility_batch: non-memorized pairs per update (None: as many as adversarial samples, App. I.1).
+        dori_steps: Dori steps per search (paper 50; Tables 14-15: 25, 50, 100; 0 = the init itself).
+        dori_lr: Dori's Adam learning rate (paper 0.1).
+        dori_batch: Dori's (noise, t) draws per step (paper 8).
+        init_schedule: ``alternate`` (prompt init on odd epochs, random on even: Algorithm 2), ``prompt``
+            (Table 14) or ``random`` (Table 15).
+        utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
+        mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
+        lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
+        lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
+        seed: seeds every random draw of the run (item order, surrogate and utility draws, noise, t, Dori).
+        autocast_dtype: optional autocast dtype for forward passes (torch.bfloat16 on GPU).
+        max_micro_batch: Dori's micro-batch bound (memory).
+    """
+
+    name: ClassVar[str] = "advft"
+
+    epochs: int = 5
+    steps_per_embedding: int = 3
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    grad_clip: float | None = 1.0
+    items_per_step: int = 1
+    embeddings_per_item: int = 1
+    utility_batch: int | None = None
+    dori_steps: int = 50
+    dori_lr: float = 0.1
+    dori_batch: int = 8
+    init_schedule: str = "alternate"
+    utility_loss: bool = True
+    mitigation_loss: bool = True
+    lora_rank: int | None = None
+    lora_convs: bool = False
+    seed: int = 0
+    autocast_dtype: torch.dtype | None = None
+    max_micro_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.init_schedule not in INIT_SCHEDULES:
+            raise DoriError(f"init_schedule must be one of {INIT_SCHEDULES}, got {self.init_schedule!r}")
+        if not (self.utility_loss or self.mitigation_loss):
+            raise DoriError("at least one of utility_loss and mitigation_loss must be on")
+        if min(self.epochs, self.steps_per_embedding, self.items_per_step, self.embeddings_per_item) < 1:
+            raise DoriError(
+                "epochs, steps_per_embedding, items_per_step and embeddings_per_item must be >= 1"
+            )
+        if self.dori_steps < 0:
+            raise DoriError("dori_steps must be >= 0")
+
+    def settings(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["autocast_dtype"] = str(self.autocast_dtype) if self.autocast_dtype else None
+        return d
+
+    def init_for_epoch(self, epoch: int) -> str:
+        """``prompt`` or ``random`` for a 1-based epoch (Algorithm 2: odd epochs start from the prompt)."""
+        if self.init_schedule == "alternate":
+            return "prompt" if epoch % 2 == 1 else "random"
+        return self.init_schedule
+
+    # ------------------------------------------------------------------ run
+    def __call__(
+        self,
+        model: T2IModel,
+        items: Sequence[Item],
+        out: str | Path | None = None,
+        *,
+        surrogates: SurrogateSet | None = None,
+        utility: Sequence[Item] = (),
+        log: Callable[[dict], None] | None = None,
+    ) -> T2IModel:
+        """Fine-tune a copy of ``model`` so that Dori can no longer bring the items back.
+
+        Args:
+            model: the memorizing model (not changed).
+            items: memorized items with training images; items without an image or surrogates are skipped
+                (listed in ``out/finetune.json`` and in the first log record).
+            out: run folder for checkpoints, the loss log and the final model (None: keep nothing on disk).
+            surrogates: surrogate images per item (not needed with ``mitigation_loss=False``).
+            utility: non-memorized image-caption pairs for L_DM (the miniworld's ``unique`` set).
+            log: optional callable receiving every log record (dicts with ``kind`` "step" or "epoch").
+
+        Returns:
+            The fine-tuned model (a copy), in eval mode.
+        """
+        surrogates = surrogates if surrogates is not None else SurrogateSet()
+        skipped: dict[str, str] = {}
+        usable = []
+        for it in items:
+            if it.image is None:
+                skipped[it.id] = f"no training image ({it.skip_reason or 'none given'})"
+            elif self.mitigation_loss and it.id not in surrogates.images:
+                skipped[it.id] = surrogates.failed.get(it.id, "no surrogate images")
+            else:
+                usable.append(it)
+        if not usable:
+            raise DoriError(f"no item can be fine-tuned away (items without surrogates or images: {skipped})")
+        utility = [it for it in utility if it.image is not None]
+        if self.utility_loss and not utility:
+            raise DoriError("utility_loss is on but no non-memorized image-caption pairs were given")
+        ft = trainable_copy(model)
+        if self.lora_rank is not None:
+            lora_mod.add_lora(ft.unet, rank=self.lora_rank, convs=self.lora_convs)
+            params = lora_mod.lora_parameters(ft.unet)
+        else:
+            ft.unet.requires_grad_(True)
+            params = list(ft.unet.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        data = _Data.build(ft, usable, surrogates, utility)
+        record = {
+            "method": self.name,
+            "settings": self.settings(),
+            "items": [it.id for it in usable],
+            "skipped": skipped,
+            "n_surrogates": {k: int(v.shape[0]) for k, v in data.surr.items()},
+            "utility": [it.id for it in utility],
+        }
+        start = 1
+        if out is not None:
+            out = Path(out)
+            binding = dict(record, settings={k: v for k, v in record["settings"].items() if k != "epochs"})
+            check_config(out, binding)
+            start = resume(out, ft, opt, gen)
+        emit = LossLog(out, start, log)
+        if start == 1:
+            emit({"kind": "start", "items": len(usable), "skipped": skipped, "utility": len(utility)})
+
+        for epoch in range(start, self.epochs + 1):
+            t0 = time.perf_counter()
+            y_adv, dori_loss = self._search(ft, data, epoch, gen)
+            t1 = time.perf_counter()
+            sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit)
+            t2 = time.perf_counter()
+            emit(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "init": self.init_for_epoch(epoch),
+                    "dori_final_loss": dori_loss,
+                    "l_adv": sums["l_adv"],
+                    "l_util": sums["l_util"],
+                    "steps": sums["steps"],
+                    "dori_seconds": round(t1 - t0, 3),
+                    "update_seconds": round(t2 - t1, 3),
+                }
+            )
+            if out is not None:
+                save_checkpoint(out, ft, opt, gen, epoch, record)
+        if self.lora_rank is not None:
+            lora_mod.merge_lora(ft.unet)
+        finish(ft)
+        if out is not None:
+            save_finetuned(ft, out, dict(record, epochs_done=self.epochs))
+        return ft
+
+    # ------------------------------------------------------------------ parts
+    def _search(
+        self, ft: T2IModel, data: _Data, epoch: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor | None, float | None]:
+        """Fresh adversarial embeddings for every (item, k) against the current model, in one batched call."""
+        if not self.mitigation_loss:
+            return None, None
+        n, k = len(data.items), self.embeddings_per_item
+        seeds = torch.randint(0, 2**31 - 1, (n * k,), generator=gen).tolist()
+        kind = self.init_for_epoch(epoch)
+        prompts = [it.prompt for it in data.items for _ in range(k)]
+        init = initial_embeddings(ft, prompts, init=kind, seeds=seeds)
+        if self.dori_steps == 0:
+            return init, None
+        dori = Dori(
+            steps=self.dori_steps,
+            lr=self.dori_lr,
+            batch_size=self.dori_batch,
+            max_micro_batch=self.max_micro_batch,
+            autocast_dtype=self.autocast_dtype,
+        )
+        was_training = ft.unet.training
+        ft.unet.eval()
+        try:
+            res = dori(ft, data.x_mem.repeat_interleave(k, dim=0), init, seeds)
+        finally:
+            ft.unet.train(was_training)
+        return res.embeddings, float(res.losses[:, -1].mean())
+
+    def _epoch_updates(
+        self,
+        ft: T2IModel,
+        data: _Data,
+        y_adv: torch.Tensor | None,
+        params: list[torch.nn.Parameter],
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        epoch: int,
+        emit: Callable[[dict], None],
+    ) -> dict:
+        ft.unet.train()
+        device, k = ft.device, self.embeddings_per_item
+        order = torch.randperm(len(data.items), generator=gen).tolist()
+        groups = [order[i : i + self.items_per_step] for i in range(0, len(order), self.items_per_step)]
+        ctx = (
+            torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        totals = {"l_adv": 0.0, "l_util": 0.0, "steps": 0}
+        for group in groups:
+            for s in range(self.steps_per_embedding):
+                x0_parts, emb_parts = [], []
+                n_adv = 0
+                if self.mitigation_loss:
+                    for i in group:
+                        surr = data.surr[data.items[i].id]
+                        pick = torch.randint(0, surr.shape[0], (k,), generator=gen)
+                        x0_parts.append(surr[pick.to(surr.device)])
+                        emb_parts.append(y_adv[i * k : (i + 1) * k])
+                    n_adv = len(group) * k
+                n_util = 0
+                if self.utility_loss:
+                    n_util = self.utility_batch or len(group) * k
+                    pick = torch.randint(0, data.util_x0.shape[0], (n_util,), generator=gen)
+                    x0_parts.append(data.util_x0[pick.to(device)])
+                    emb_parts.append(data.util_emb[pick.to(device)])
+                x0 = torch.cat(x0_parts).to(device, torch.float32)
+                emb = torch.cat([e.to(device, torch.float32) for e in emb_parts])
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                t = torch.randint(0, ft.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+                opt.zero_grad(set_to_none=True)
+                with ctx:
+                    per = ft.training_loss(x0, emb, t, noise).float()
+                l_adv = per[:n_adv].mean() if n_adv else per.new_zeros(())
+                l_util = per[n_adv:].mean() if n_util else per.new_zeros(())
+                (l_adv + l_util).backward()
+                clip = self.grad_clip if self.grad_clip is not None else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                opt.step()
+                totals["l_adv"] += float(l_adv.detach())
+                totals["l_util"] += float(l_util.detach())
+                totals["steps"] += 1
+                emit(
+                    {
+                        "kind": "step",
+                        "epoch": epoch,
+                        "items": [data.items[i].id for i in group],
+                        "s": s + 1,
+                        "l_adv": float(l_adv.detach()) if n_adv else None,
+                        "l_util": float(l_util.detach()) if n_util else None,
+                        "grad_norm": float(gnorm),
+                    }
+                )
+        steps = max(totals["steps"], 1)
+        return {
+            "l_adv": totals["l_adv"] / steps if self.mitigation_loss else None,
+            "l_util": totals["l_util"] / steps if self.utility_loss else None,
+            "steps": totals["steps"],
+        }
+
+
+@dataclass
+class _Data:
+    """Everything the loop reads, encoded once: x_mem, surrogate x0 per item, utility x0 and embeddings."""
+
+    items: list[Item]
+    x_mem: torch.Tensor
+    surr: dict[str, torch.Tensor]
+    util_x0: torch.Tensor
+    util_emb: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, model: T2IModel, items: list[Item], surrogates: SurrogateSet, utility: list[Item]
+    ) -> _Data:
+        x_mem = encode_in_batches(model, item_images(items)).float()
+        surr = {
+            it.id: encode_in_batches(model, surrogates.images[it.id]).float()
+            for it in items
+            if it.id in surrogates.images
+        }
+        if utility:
+            util_x0 = encode_in_batches(model, item_images(utility)).float()
+            util_emb = model.encode_text([it.prompt for it in utility]).float()
+        else:
+            util_x0 = util_emb = torch.empty(0)
+        return cls(list(items), x_mem, surr, util_x0, util_emb)

@@ -1,0 +1,206 @@
+import json
+
+import pytest
+import torch
+
+from dori.data.sets import Item
+from dori.errors import DoriError
+from dori.mitigations import lora
+from dori.mitigations.adversarial_ft import AdversarialFineTuning
+from dori.mitigations.surrogates import (
+    SurrogateSet,
+    embedder_similarity,
+    generate_surrogates,
+    load_surrogates,
+)
+from dori.mitigations.training import changed_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _items(n, seed, prefix):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Item(id=f"{prefix}{i}", prompt=f"a red circle {i}").with_image(torch.rand(3, 16, 16, generator=g))
+        for i in range(n)
+    ]
+
+
+def _surrogates(items, k=2, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return SurrogateSet(images={it.id: torch.rand(k, 3, 16, 16, generator=g) for it in items})
+
+
+def _adv_loss(model, x0, emb, n=64):
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn((n, *x0.shape[1:]), generator=g)
+    t = torch.randint(0, model.num_train_timesteps, (n,), generator=g)
+    with torch.no_grad():
+        return float(model.training_loss(x0.expand(n, -1, -1, -1), emb.expand(n, -1, -1), t, noise).mean())
+
+
+def test_one_step_changes_weights_and_lowers_adv_loss(tiny):
+    items = _items(1, 0, "m")
+    surr = SurrogateSet(images={"m0": torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))})
+    ft = AdversarialFineTuning(
+        epochs=1,
+        steps_per_embedding=1,
+        embeddings_per_item=32,
+        dori_steps=0,
+        init_schedule="prompt",
+        utility_loss=False,
+        lr=1e-3,
+        grad_clip=None,
+    )
+    x_surr = tiny.encode_images(surr.images["m0"])
+    emb = tiny.encode_text([items[0].prompt])
+    before = _adv_loss(tiny, x_surr, emb)
+    out = ft(tiny, items, surrogates=surr)
+    after = _adv_loss(out, x_surr, emb)
+    assert after < before
+    assert len(changed_parameters(tiny.unet, out.unet)) > 0.5 * len(list(tiny.unet.parameters()))
+    assert not any(p.requires_grad for p in out.unet.parameters())
+    assert out.text_encoder is tiny.text_encoder  # frozen and shared
+    assert _adv_loss(tiny, x_surr, emb) == before  # the input model is untouched
+
+
+def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tiny, tmp_path):
+    items, utility = _items(2, 1, "m"), _items(3, 2, "u")
+    surr = _surrogates(items)
+    cfg = dict(steps_per_embedding=2, dori_steps=2, utility_batch=2, lr=1e-4, seed=3)
+    full = AdversarialFineTuning(epochs=2, **cfg)(
+        tiny, items, tmp_path / "a", surrogates=surr, utility=utility
+    )
+
+    AdversarialFineTuning(epochs=1, **cfg)(tiny, items, tmp_path / "b", surrogates=surr, utility=utility)
+    log = tmp_path / "b" / "losses.jsonl"
+    with open(log, "a") as f:  # a run killed half-way through epoch 2 left a partial record
+        f.write(json.dumps({"kind": "step", "epoch": 2, "l_adv": 9.9}) + "\n")
+    seen = []
+    resumed = AdversarialFineTuning(epochs=2, **cfg)(
+        tiny, items, tmp_path / "b", surrogates=surr, utility=utility, log=seen.append
+    )
+    assert {r.get("epoch") for r in seen} == {2}  # epoch 1 was not run again
+    for (n, p), q in zip(full.unet.named_parameters(), resumed.unet.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert not any(r.get("l_adv") == 9.9 for r in records)
+    assert (tmp_path / "b" / "checkpoints" / "epoch-0001" / "unet").is_dir()
+    assert not (tmp_path / "b" / "checkpoints" / "epoch-0001" / "train_state.pt").exists()
+
+    from dori.models.loading import load_model
+
+    loaded = load_model(str(tmp_path / "b"))
+    for p, q in zip(resumed.unet.parameters(), loaded.unet.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(DoriError, match="other settings"):
+        AdversarialFineTuning(epochs=2, **dict(cfg, lr=1e-3))(
+            tiny, items, tmp_path / "b", surrogates=surr, utility=utility
+        )
+
+
+def test_ablation_flags_and_skipped_items(tiny, tmp_path):
+    items, utility = _items(2, 1, "m"), _items(2, 2, "u")
+    surr = SurrogateSet(images={"m0": torch.rand(1, 3, 16, 16)}, failed={"m1": "replicas only"})
+    seen = []
+    # "No Mitigation Loss": no surrogates needed, S utility-only steps per item
+    AdversarialFineTuning(epochs=1, mitigation_loss=False, dori_steps=1)(
+        tiny, items, utility=utility, log=seen.append
+    )
+    steps = [r for r in seen if r["kind"] == "step"]
+    assert seen[0]["skipped"] == {} and seen[-1]["dori_final_loss"] is None
+    assert len(steps) == 6 and all(r["l_adv"] is None and r["l_util"] is not None for r in steps)
+    seen.clear()
+    # "No Utility Loss" + "One Step"; the item without surrogates is skipped with its reason
+    AdversarialFineTuning(epochs=1, utility_loss=False, steps_per_embedding=1, dori_steps=1)(
+        tiny, items, surrogates=surr, log=seen.append
+    )
+    steps = [r for r in seen if r["kind"] == "step"]
+    assert seen[0]["skipped"] == {"m1": "replicas only"}
+    assert len(steps) == 1 and steps[0]["l_util"] is None and steps[0]["l_adv"] > 0
+    with pytest.raises(DoriError):
+        AdversarialFineTuning(utility_loss=False, mitigation_loss=False)
+    with pytest.raises(DoriError, match="non-memorized"):
+        AdversarialFineTuning(epochs=1)(tiny, items, surrogates=surr)
+
+
+def test_lora_starts_as_identity_trains_and_merges(tiny):
+    import copy
+
+    unet = copy.deepcopy(tiny.unet)
+    names = lora.add_lora(unet, rank=4, convs=True)
+    assert any("conv" in n for n in names) and any("attn2.to_k" in n for n in names)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    emb = torch.randn(2, 8, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, emb).sample, tiny.unet(x, t, emb).sample)
+    params = lora.lora_parameters(unet)
+    assert all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in unet.parameters()) == len(params)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.zeros(2, 4, 8, 8)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (unet(x, t, emb).sample - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        wrapped = unet(x, t, emb).sample
+        state = lora.lora_state_dict(unet)
+        assert lora.merge_lora(unet) == len(names)
+        torch.testing.assert_close(unet(x, t, emb).sample, wrapped, atol=1e-5, rtol=1e-4)
+    assert not lora.lora_modules(unet) and len(state) == 2 * len(names)
+
+
+def test_advft_lora_changes_only_wrapped_layers(tiny):
+    items = _items(1, 0, "m")
+    out = AdversarialFineTuning(
+        epochs=1, steps_per_embedding=1, dori_steps=1, utility_loss=False, lora_rank=4, lr=1e-3
+    )(tiny, items, surrogates=_surrogates(items))
+    changed = changed_parameters(tiny.unet, out.unet)
+    assert changed and all(n.endswith(".weight") for n in changed)
+    assert not any("norm" in n for n in changed)
+    assert not any(n.startswith(("conv_in", "conv_out")) or "resnets" in n and "conv" in n for n in changed)
+
+
+def test_surrogates_reject_replicas_and_round_trip(tiny, tmp_path):
+    items = _items(2, 4, "m")
+    sim = embedder_similarity(lambda im: im.flatten(1))
+    # threshold above every cosine of random images: all candidates kept; at -1: all are "replicas"
+    s = generate_surrogates(tiny, items, sim, threshold=1.01, per_item=2, max_rounds=1, config=_fast())
+    assert {k: v.shape[0] for k, v in s.images.items()} == {"m0": 2, "m1": 2}
+    none = generate_surrogates(tiny, items[:1], sim, threshold=-1.0, per_item=2, max_rounds=2, config=_fast())
+    assert not none.images and "replicas" in none.failed["m0"]
+    calls = []
+
+    def mitigation(model, ids):
+        import contextlib
+
+        calls.append(list(ids))
+        return contextlib.nullcontext()
+
+    generate_surrogates(
+        tiny, items, sim, 1.01, mitigation=mitigation, per_item=1, max_rounds=1, config=_fast()
+    )
+    assert calls == [["m0"], ["m1"]]
+    s.save(tmp_path / "surr")
+    back = load_surrogates(tmp_path / "surr", items + _items(1, 0, "x"), size=16)
+    assert back.images["m0"].shape == (2, 3, 16, 16) and "x0" in back.failed
+    torch.testing.assert_close(back.images["m1"], s.images["m1"], atol=1 / 255, rtol=0)
+
+
+def _fast():
+    from dori.models.pipeline import SamplingConfig
+
+    return SamplingConfig(steps=2, guidance=2.0)
