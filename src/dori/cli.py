@@ -9,7 +9,7 @@ import sys
 
 from dori.errors import DoriError
 
-COMMANDS = ["models", "data", "analyze", "audit", "report", "mitigate"]
+COMMANDS = ["models", "data", "analyze", "audit", "report", "mitigate", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
