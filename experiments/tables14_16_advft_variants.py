@@ -1,0 +1,142 @@
+"""Finding Dori, Tables 14, 15 and 16 (Appendix I.3-I.4): adversarial fine-tuning variants evaluated after each
+number of epochs; the same script sweeps the unpublished settings (learning rate, embeddings per item).
+
+Command (from the repository root; run ``experiments/table5_adversarial_ft.py`` first, whose NeMo surrogates
+every variant reuses)::
+
+    . .venv/bin/activate && python experiments/tables14_16_advft_variants.py
+
+For each variant of PRESET: ``dori finetune adversarial`` for max(EVAL_EPOCHS) epochs (every epoch is
+checkpointed), then every checkpoint in EVAL_EPOCHS is audited with :mod:`dori.evaluation` on SET, from the
+prompts ("Adv. Steps" 0) and with Dori from each (init, steps) of EVAL, plus FID/KID on UTILITY_SET; SSCD_gen
+against the unmitigated model. Resumable. Writes ``OUT/<PRESET>.json`` (rows in the audit schema, ``key`` =
+``<variant>.e<epoch>.<init><steps>``) and ``OUT/<PRESET>.md``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from dori.attacks.dori import Dori
+from dori.audit import run_dori
+from dori.cli import main
+from dori.data.sets import load_set
+from dori.evaluation import EvalConfig, Setting, evaluate_items, summarize, utility_scores
+from dori.metrics.backends import load_backends
+from dori.models.loading import load_model
+from dori.models.pipeline import SamplingConfig
+from dori.report.tables import format_table
+from dori.runs import RunDir, atomic_write_text
+
+# ---------------------------------------------------------------- config
+MODEL = "miniworld"
+SET = "vm"
+SURROGATES = Path("runs/table5-miniworld/advft/surrogates")  # made by the Table 5 recipe (NeMo)
+UTILITY_TRAIN, N_UTILITY_TRAIN = "unique", 2000
+UTILITY_SET, N_UTILITY = "heldout", 500
+SEED = 0
+OUT = Path("runs/advft-variants-miniworld")
+EXTRA: list[str] = []  # e.g. ["--device", "cuda"]
+EVAL_EPOCHS = (1, 5, 10, 20, 30, 40, 50)  # paper: 1-50
+N_GENS, SAMPLE_STEPS, GUIDANCE = 10, 50, 7.0
+PRESET = "table16"
+PRESETS = {
+    # Table 14: Dori steps during training, prompt init; evaluated with the prompts and Dori 50 (prompt init)
+    "table14": {
+        "variants": {
+            f"train{k}": ["--dori-steps", str(k), "--init-schedule", "prompt"] for k in (25, 50, 100)
+        },
+        "eval": [("prompt", 0), ("prompt", 50)],
+    },
+    # Table 15: the same from random init; evaluated with Dori 50 and 100 from random init
+    "table15": {
+        "variants": {
+            f"train{k}": ["--dori-steps", str(k), "--init-schedule", "random"] for k in (25, 50, 100)
+        },
+        "eval": [("random", 50), ("random", 100)],
+    },
+    # Table 16: ablations of the default (S = 3, both losses)
+    "table16": {
+        "variants": {
+            "default": [],
+            "one-step": ["--steps-per-embedding", "1"],
+            "no-utility": ["--no-utility-loss"],
+            "no-mitigation": ["--no-mitigation-loss"],
+        },
+        "eval": [("prompt", 0), ("prompt", 50)],
+    },
+    # the unpublished settings (docs/adversarial_ft.md): learning rate x embeddings per item
+    "defaults": {
+        "variants": {
+            f"lr{lr}-k{k}": ["--lr", lr, "--embeddings-per-item", str(k)]
+            for lr in ("1e-5", "3e-5", "1e-4", "3e-4")
+            for k in (1, 4)
+        },
+        "eval": [("prompt", 0), ("prompt", 50), ("random", 50)],
+    },
+}
+
+# ---------------------------------------------------------------- fine-tune every variant
+preset = PRESETS[PRESET]
+epochs = max(EVAL_EPOCHS)
+for name, flags in preset["variants"].items():
+    folder = OUT / name
+    if (folder / "finetune.json").exists():
+        continue
+    argv = ["finetune", "adversarial", "--model", MODEL, "--set", SET, "--seed", str(SEED), *EXTRA]
+    argv += [
+        "--surrogates",
+        str(SURROGATES),
+        "--utility-set",
+        UTILITY_TRAIN,
+        "--n-utility",
+        str(N_UTILITY_TRAIN),
+    ]
+    argv += ["--epochs", str(epochs), *flags, "--out", str(folder)]
+    print("dori " + " ".join(argv), flush=True)
+    if main(argv) != 0:
+        sys.exit(1)
+
+# ---------------------------------------------------------------- audit every checkpoint
+model = load_model(MODEL)
+items = load_set(SET, model)
+indices = list(range(len(items)))
+backends = load_backends(model)
+config = EvalConfig(n_gens=N_GENS, sampling=SamplingConfig(steps=SAMPLE_STEPS, guidance=GUIDANCE), seed=SEED)
+run = RunDir(OUT / f"audit-{PRESET}", {"model": MODEL, "set": SET, "seed": SEED, "preset": PRESET})
+util_items = load_set(UTILITY_SET, model, limit=N_UTILITY)
+util_prompts = [it.prompt for it in util_items]
+rows = []
+
+
+def audit(key: str, m, ref: str | None) -> None:
+    extra = {}
+    if backends.features is not None:
+        util = utility_scores(
+            m, util_prompts, lambda: [it.image for it in util_items], backends, run, key, config
+        )
+        extra = {"fid": util["fid"], "kid": util["kid"], "utility_set": UTILITY_SET}
+    evals = list(dict.fromkeys([("prompt", 0), *preset["eval"]])) if key == "none" else preset["eval"]
+    for init, steps in evals:
+        if steps == 0:
+            setting = Setting(key, key, reference=ref)
+            records = evaluate_items(m, items, indices, backends, run, setting, config)
+        else:
+            dk = f"{key}.{init}{steps}"
+            setting = Setting(dk, dk, attack="dori", dori_steps=steps, init=init, reference=ref)
+            emb = run_dori(m, items, indices, Dori(steps=steps), run, dk, config, init=init)[steps]
+            records = evaluate_items(m, items, indices, backends, run, setting, config, embeddings=emb)
+        rows.append(dict(summarize(records, setting, SET, backends.threshold), **extra))
+
+
+audit("none", model, None)
+for name in preset["variants"]:
+    for e in EVAL_EPOCHS:
+        audit(f"{name}.e{e}", load_model(str(OUT / name / "checkpoints" / f"epoch-{e:04d}")), "none")
+
+result = {"model": MODEL, "set": SET, "preset": PRESET, "rows": rows, "provenance": run.provenance}
+atomic_write_text(OUT / f"{PRESET}.json", json.dumps(result, indent=2, default=str))
+md = [f"# Adversarial fine-tuning variants `{PRESET}` on {MODEL} (`{SET}`)", ""]
+md += ["Command: `python experiments/tables14_16_advft_variants.py`", "", format_table(rows, fmt="markdown")]
+atomic_write_text(OUT / f"{PRESET}.md", "\n".join(md) + "\n")
+print(format_table(rows))
