@@ -197,22 +197,33 @@ def _item_html(run: Path, item_id: str, by_setting: dict[str, dict], audit: dict
     return "".join(parts)
 
 
-def build_report(run_dir: str | Path, max_items: int = 50, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` into the run directory (or ``out``) from its results; return its path."""
+def build_report(
+    run_dir: str | Path,
+    max_items: int = 50,
+    out: str | Path | None = None,
+    rows: list[dict] | None = None,
+    title: str | None = None,
+    intro_html: str = "",
+) -> Path:
+    """Write ``report.html`` into the run directory (or ``out``) from its results; return its path.
+
+    ``rows``/``title``/``intro_html`` let a recipe show its own table (e.g. Table 1 over several audits)
+    above this run's per-item section.
+    """
     run = Path(run_dir)
     audit_file = run / "audit.json"
     if not audit_file.exists():
         raise DoriError(f"{run} holds no audit.json: run `dori audit --out {run}` first")
     audit = json.loads(audit_file.read_text())
-    rows = audit.get("rows", [])
+    rows = audit.get("rows", []) if rows is None else rows
     threshold = audit.get("backends", {}).get("threshold")
     items: dict[str, dict[str, dict]] = {}
     for path in sorted((run / "results").glob("item.*.json")):
         rec = json.loads(path.read_text())
         items.setdefault(rec["item"], {})[rec["setting"]] = rec
     order = sorted(items, key=lambda i: min(r.get("index", 0) for r in items[i].values()))
-    title = f"dori audit: {audit.get('model', '?')} on {audit.get('set', '?')}"
-    body = [f"<h1>{html.escape(title)}</h1>", '<p id="status" data-status="pending">pending</p>']
+    title = title or f"dori audit: {audit.get('model', '?')} on {audit.get('set', '?')}"
+    body = [f"<h1>{html.escape(title)}</h1>", '<p id="status" data-status="pending">pending</p>', intro_html]
     body.append("<h2>Results</h2>" + table_html(rows))
     main_set = rows[0]["set"] if rows else None  # per-kind rows (set "memorized/vm") are left out
     dori_rows = sorted(
