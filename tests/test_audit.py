@@ -249,3 +249,18 @@ def test_resume_after_interruption_and_batching(tiny, tmp_path, monkeypatch):
     assert sampled == [] and again["rows"] == resumed["rows"]
     with pytest.raises(DoriError, match="other settings"):
         RunDir(tmp_path / "part", {"test": False})
+
+
+def test_unlearndiffatk_attack_rows(tiny, tmp_path):
+    from dori.attacks.unlearndiffatk import UnlearnDiffAtk
+
+    items = user_set(write_items(tmp_path / "d", missing=False), image_size=16)
+    config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2), seed=3)
+    run = RunDir(tmp_path / "uda", {"test": True})
+    out = run_audit(
+        tiny, items, "toy", fake_backends(), run, config, attack="unlearndiffatk",
+        uda=UnlearnDiffAtk(timesteps=2, iterations=2), progress=False,
+    )  # fmt: skip
+    assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
+    prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
+    assert all(p.endswith(it.prompt) and p != it.prompt for p, it in zip(prompts, items, strict=True))

@@ -85,9 +85,55 @@ def audit_settings(mitigation: str, mkey: str, attack: str, steps: int, snapshot
             rows.append(
                 Setting(f"{mkey}+dori-{k}", label, mitigation, "dori", dori_steps=k, init=init, reference=ref)
             )
+    elif attack == "unlearndiffatk":
+        base = "no mitigation" if mkey == "none" else mkey
+        rows.append(
+            Setting(f"{mkey}+uda", f"{base} + UnlearnDiffAtk", mitigation, "unlearndiffatk", reference=ref)
+        )
     elif attack != "none":
-        raise DoriError(f"unknown attack {attack!r}: use none or dori")
+        raise DoriError(f"unknown attack {attack!r}: use none, dori or unlearndiffatk")
     return rows
+
+
+def uda_artifact(mitigation_key: str, item_id: str) -> str:
+    return f"uda.{mitigation_key}.{item_id}.safetensors"
+
+
+def run_unlearndiffatk(
+    model: T2IModel,
+    items: Sequence[Item],
+    indices: Sequence[int],
+    attack,
+    run: RunDir,
+    mkey: str,
+    config: EvalConfig,
+    mitigation: MitigationContext | None = None,
+    per_item: bool = False,
+    max_items: int = 32,
+) -> torch.Tensor:
+    """UnlearnDiffAtk prompts (Appendix G.1) per item against the (mitigated) model, saved per item like Dori's
+    embeddings; returns the embeddings of the found discrete prompts (N, tokens, dim)."""
+    todo = [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
+    per_call = 1 if per_item else max_items
+    for lo in range(0, len(todo), per_call):
+        group = todo[lo : lo + per_call]
+        seeds = [dori_seed(config.seed, indices[j]) for j in group]
+        x0 = model.encode_images(torch.stack([resize_to(items[j].image, model.image_size) for j in group]))
+        ids = [items[j].id for j in group]
+        ctx = mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
+        with ctx:
+            res = attack(model, x0, [items[j].prompt for j in group], seeds)
+        for pos, j in enumerate(group):
+            atomic_save_tensors(
+                run.artifact(uda_artifact(mkey, items[j].id)),
+                {
+                    "embedding": res.embeddings[pos],
+                    "token_ids": res.token_ids[pos],
+                    "losses": res.losses[pos],
+                },
+            )
+            run.put(f"uda.{mkey}.{items[j].id}", {"prompt": res.prompts[pos]})
+    return torch.stack([load_tensors(run.artifact(uda_artifact(mkey, it.id)))["embedding"] for it in items])
 
 
 def run_dori(
@@ -177,6 +223,7 @@ def run_audit(
     snapshots: Sequence[int] = (1, 10, 25),
     utility: Utility | None = None,
     progress: bool = True,
+    uda=None,
 ) -> dict:
     """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol"}``.
 
@@ -184,7 +231,8 @@ def run_audit(
         items: the set (after any limit); an item's position fixes its seeds. Items without a training
             image are skipped and listed with their reason.
         mitigation: ``none`` or a spec for :func:`dori.mitigations.load_mitigation` (``nemo:DIR``).
-        attack: ``none`` or ``dori`` (then ``dori`` holds the search settings; default: the paper's).
+        attack: ``none``, ``dori`` (then ``dori`` holds the search settings; default: the paper's) or
+            ``unlearndiffatk`` (the discrete-prompt baseline of Appendix G.1; ``uda`` holds its settings).
         init: Dori initialization ``prompt``, ``random`` or ``other`` (with ``other_prompts``, one per
             item of ``items``).
         snapshots: Dori steps evaluated besides the last.
@@ -205,6 +253,7 @@ def run_audit(
     dori = dori or Dori()
     settings = audit_settings(mitigation, mkey, attack, dori.steps, snapshots, init)
     searched: dict[int, torch.Tensor] = {}
+    uda_embeddings: torch.Tensor | None = None
     if attack == "dori":
         steps_needed = tuple(s.dori_steps for s in settings if s.attack == "dori")
         dori = dataclasses.replace(dori, snapshot_steps=steps_needed)
@@ -216,6 +265,17 @@ def run_audit(
                 model, usable, indices, dori, run, mkey, config, init, others,
                 ctx, per_item, progress=progress,
             )  # fmt: skip
+        if setting.attack == "unlearndiffatk" and uda_embeddings is None:
+            from dori.attacks.unlearndiffatk import UnlearnDiffAtk
+
+            uda_embeddings = run_unlearndiffatk(
+                model, usable, indices, uda or UnlearnDiffAtk(), run, mkey, config, ctx, per_item
+            )
+        embeddings = None
+        if setting.attack == "dori":
+            embeddings = searched.get(setting.dori_steps)
+        elif setting.attack == "unlearndiffatk":
+            embeddings = uda_embeddings
         evaluate_items(
             model,
             usable,
@@ -224,7 +284,7 @@ def run_audit(
             run,
             setting,
             config,
-            embeddings=searched.get(setting.dori_steps) if setting.attack == "dori" else None,
+            embeddings=embeddings,
             mitigation=ctx if is_mitigated else None,
             per_item=per_item and is_mitigated,
             progress=progress,

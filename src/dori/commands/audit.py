@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first K items of the set")
     g = p.add_argument_group("model state and attack")
     g.add_argument("--mitigation", default="none", help="none, nemo:DIR or wanda:DIR (a fitted mitigation)")
-    g.add_argument("--attack", default="none", choices=["none", "dori"])
+    g.add_argument("--attack", default="none", choices=["none", "dori", "unlearndiffatk"])
+    g.add_argument("--uda-timesteps", type=int, default=50, help="UnlearnDiffAtk timesteps (reference: 50)")
+    g.add_argument("--uda-iterations", type=int, default=40, help="UnlearnDiffAtk steps per timestep (40)")
     g.add_argument("--steps", type=int, default=50, help="Dori steps (paper: 50)")
     g.add_argument("--lr", type=float, default=0.1, help="Dori Adam learning rate (paper: 0.1)")
     g.add_argument("--dori-batch", type=int, default=8, help="(noise, t) draws per Dori step (paper: 8)")
@@ -104,6 +106,7 @@ def _utility(args, model):
 
 def run(args) -> int:
     from dori.attacks.dori import Dori
+    from dori.attacks.unlearndiffatk import UnlearnDiffAtk
     from dori.audit import run_audit
     from dori.data.sets import load_set
     from dori.evaluation import EvalConfig
@@ -154,6 +157,7 @@ def run(args) -> int:
         snapshots=snapshots,
         utility=_utility(args, model),
         progress=args.progress,
+        uda=UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations),
     )
     out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
     write_json(str(run_dir.path / "audit.json"), out)
