@@ -150,6 +150,7 @@ def run_dori(
     per_item: bool = False,
     max_items: int = 32,
     progress: bool = True,
+    rows: MitigationContext | None = None,
 ) -> dict[int, torch.Tensor]:
     """Search (or load) one Dori embedding per item; returns snapshot step -> embeddings (N, tokens, dim).
 
@@ -159,7 +160,11 @@ def run_dori(
         max_items: most items searched in one batch (bounds memory; the result does not depend on it).
     """
     todo = [j for j, it in enumerate(items) if not run.artifact(dori_artifact(mkey, it.id)).exists()]
-    per_call = 1 if per_item else max_items
+    rowwise = per_item and rows is not None
+    if rowwise:  # one chunk of the search = all items of a call, so each UNet batch has a known layout
+        per_call = max(1, min(max_items, dori.max_micro_batch // dori.batch_size))
+    else:
+        per_call = 1 if per_item else max_items
     bar = tqdm(
         total=len(todo) * dori.steps, desc=f"dori {mkey}", disable=not progress, file=sys.stderr, leave=False
     )
@@ -179,9 +184,12 @@ def run_dori(
             images = torch.stack([resize_to(items[j].image, model.image_size) for j in group])
             x0 = model.encode_images(images)
             ids = [items[j].id for j in group]
-            ctx = (
-                mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
-            )
+            if rowwise:
+                ctx = rows([i for i in ids for _ in range(dori.batch_size)])
+            elif mitigation is not None:
+                ctx = mitigation(ids if per_item else None)
+            else:
+                ctx = contextlib.nullcontext()
             done = bar.n
             with ctx:
                 res = dori(
@@ -250,6 +258,9 @@ def run_audit(
     mkey, fitted = resolve_mitigation(mitigation)
     ctx = None if fitted is None else (lambda ids: fitted.applied(model, ids))
     per_item = bool(getattr(fitted, "per_item", True)) if fitted is not None else False
+    rows_ctx = None
+    if per_item and hasattr(fitted, "applied_rows"):
+        rows_ctx = lambda row_ids: fitted.applied_rows(model, row_ids)  # noqa: E731
     dori = dori or Dori()
     settings = audit_settings(mitigation, mkey, attack, dori.steps, snapshots, init)
     searched: dict[int, torch.Tensor] = {}
@@ -263,7 +274,7 @@ def run_audit(
             others = None if other_prompts is None else [other_prompts[i] for i in indices]
             searched = run_dori(
                 model, usable, indices, dori, run, mkey, config, init, others,
-                ctx, per_item, progress=progress,
+                ctx, per_item, progress=progress, rows=rows_ctx,
             )  # fmt: skip
         if setting.attack == "unlearndiffatk" and uda_embeddings is None:
             from dori.attacks.unlearndiffatk import UnlearnDiffAtk
@@ -288,6 +299,7 @@ def run_audit(
             mitigation=ctx if is_mitigated else None,
             per_item=per_item and is_mitigated,
             progress=progress,
+            rows=rows_ctx if is_mitigated else None,
         )
     util = {}
     if utility is not None:

@@ -168,6 +168,7 @@ def evaluate_items(
     mitigation: MitigationContext | None = None,
     per_item: bool = False,
     progress: bool = True,
+    rows: MitigationContext | None = None,
 ) -> list[dict]:
     """Generate and score every unfinished item of one setting; returns the per-item records.
 
@@ -177,20 +178,26 @@ def evaluate_items(
         embeddings: conditionings (N, tokens, dim) aligned with ``items``; None = encode the captions.
         mitigation: ``mitigation(item_ids)`` returns the context the model runs in; None = unmitigated.
         per_item: one mitigation context per item (per-item neuron sets); else one for all (item_ids None).
+        rows: for per-item mitigations that support it, ``rows(row_item_ids)`` applies each row's own
+            item's intervention inside one shared UNet batch (same result, no loop over items).
     """
     if len(indices) != len(items) or (embeddings is not None and embeddings.shape[0] != len(items)):
         raise DoriError("evaluate_items needs one index (and one embedding) per item")
     n = config.n_gens
     todo = [j for j, it in enumerate(items) if not run.has(item_key(setting.key, it.id))]
-    per_call = 1 if per_item else max(1, config.sampling.batch_size // n)
+    rowwise = per_item and rows is not None
+    per_call = 1 if per_item and not rowwise else max(1, config.sampling.batch_size // n)
     groups = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
     bar = _progress_bar(len(todo) * n, setting.label, progress)
     try:
         for group in groups:
             ids = [items[j].id for j in group]
-            ctx = (
-                mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
-            )
+            if rowwise:  # per-item interventions, all items of the group in one UNet batch
+                ctx = rows([i for i in ids for _ in range(n)])
+            elif mitigation is not None:
+                ctx = mitigation(ids if per_item else None)
+            else:
+                ctx = contextlib.nullcontext()
             seeds = [s for j in group for s in generation_seeds(config.seed, indices[j], n)]
             done = bar.n
             with ctx:

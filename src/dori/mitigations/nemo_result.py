@@ -14,7 +14,7 @@ import torch
 from dori.errors import DoriError
 from dori.mitigations import register_mitigation
 from dori.mitigations.nemo_noise import merge_blockings
-from dori.models.hooks import scale_output_channels
+from dori.models.hooks import rowwise_scale_output_channels, scale_output_channels
 from dori.models.layers import get_module
 from dori.models.pipeline import T2IModel
 
@@ -92,6 +92,24 @@ class NeMoResult:
         except KeyError as err:
             raise DoriError(f"these NeMo neurons do not fit this model: {err}") from err
         with scale_output_channels(model.unet, blocked, float(self.config.get("scale", 0.0))):
+            yield
+
+    @contextlib.contextmanager
+    def applied_rows(self, model: T2IModel, row_ids: Sequence[str]) -> Iterator[None]:
+        """Per-item neurons for items sharing one UNet batch: row r runs with item ``row_ids[r]``'s neurons
+        blocked (the same as :meth:`applied` for that item alone, without a loop over items)."""
+        layers = {lay for i in dict.fromkeys(row_ids) for lay, v in self.neurons([i]).items() if v}
+        scale = float(self.config.get("scale", 0.0))
+        mults = {}
+        for lay in layers:
+            width = get_module(model.unet, lay).out_features
+            mult = torch.ones(len(row_ids), width)
+            for r, item in enumerate(row_ids):
+                idx = self.neurons([item]).get(lay, [])
+                if idx:
+                    mult[r, idx] = scale
+            mults[lay] = mult
+        with rowwise_scale_output_channels(model.unet, mults):
             yield
 
     def save(self, folder: str | Path) -> Path:

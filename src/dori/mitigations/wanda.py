@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dori.errors import DoriError
 from dori.mitigations import register_mitigation
-from dori.models.hooks import WeightMasks, apply_weight_masks, record_activations
+from dori.models.hooks import WeightMasks, apply_weight_masks, record_activations, rowwise_weight_masks
 from dori.models.layers import ffn_layers, get_module
 from dori.models.pipeline import T2IModel
 
@@ -293,6 +293,26 @@ class WandaResult:
         except KeyError as err:
             raise DoriError(f"these Wanda masks do not fit this model: {err}") from err
         with apply_weight_masks(model.unet, masks):
+            yield
+
+    @contextlib.contextmanager
+    def applied_rows(self, model: T2IModel, row_ids: Sequence[str]) -> Iterator[None]:
+        """Per-item masks for items sharing one UNet batch: row r computes with the masks of item
+        ``row_ids[r]``'s group (the same as :meth:`applied` for that item alone)."""
+        where = {i: g for g, members in self.groups.items() for i in members}
+        missing = [str(i) for i in row_ids if str(i) not in where]
+        if missing:
+            raise DoriError(f"Wanda has no mask for item(s) {missing[:5]}")
+        order = list(dict.fromkeys(where[str(i)] for i in row_ids))
+        row_group = torch.tensor([order.index(where[str(i)]) for i in row_ids])
+        layers = sorted({lay for g in order for lay in self.masks[g].masks})
+        per_layer = {}
+        for lay in layers:
+            shape = get_module(model.unet, lay).weight.shape
+            per_layer[lay] = [
+                self.masks[g].masks.get(lay, torch.zeros(shape, dtype=torch.bool)) for g in order
+            ]
+        with rowwise_weight_masks(model.unet, per_layer, row_group):
             yield
 
     def save(self, folder: str | Path) -> Path:

@@ -143,3 +143,79 @@ def record_activations(
     finally:
         for h in handles:
             h.remove()
+
+
+def _rows_for(out: torch.Tensor, n_rows: int, name: str) -> int:
+    """How many times the row layout repeats in this call: 1, or 2 under classifier-free guidance."""
+    if out.shape[0] == n_rows:
+        return 1
+    if out.shape[0] == 2 * n_rows:
+        return 2
+    raise DoriError(
+        f"row-wise intervention on {name}: a call with {out.shape[0]} rows, expected {n_rows} or {2 * n_rows}"
+    )
+
+
+@contextlib.contextmanager
+def rowwise_scale_output_channels(
+    unet: torch.nn.Module, multipliers: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Per-row channel scaling: ``layer(x)[r, ..., c] *= multipliers[layer][r, c]``.
+
+    Lets several items with different NeMo neuron sets share one UNet batch (row r belongs to one item).
+    A call with twice the rows (classifier-free guidance: [uncond; cond]) uses the layout for both halves.
+    """
+    handles = []
+    try:
+        for name, mult in multipliers.items():
+            module = get_module(unet, name)
+
+            def hook(_mod, _inp, out, mult=mult, name=name):
+                rep = _rows_for(out, mult.shape[0], name)
+                m = mult.to(out.device, out.dtype).repeat(rep, 1)
+                return out * m.view(m.shape[0], *([1] * (out.ndim - 2)), m.shape[1])
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def rowwise_weight_masks(
+    unet: torch.nn.Module, masks: dict[str, list[torch.Tensor]], row_group: torch.Tensor
+) -> Iterator[None]:
+    """Per-row weight masks on linear layers: row r computes with ``W * ~masks[layer][row_group[r]]``.
+
+    Implemented as ``out_r -= x_r (W * M_g)^T`` for the rows of each group g (masks are sparse), so items
+    with different Wanda masks share one UNet batch; weights are never modified. Rows with group -1 are
+    left unmasked. Doubled calls (classifier-free guidance) use the layout for both halves.
+    """
+    handles = []
+    try:
+        for name, group_masks in masks.items():
+            module = get_module(unet, name)
+            if not isinstance(module, torch.nn.Linear):
+                raise DoriError(
+                    f"row-wise weight masks need a linear layer, {name} is {type(module).__name__}"
+                )
+
+            def hook(mod, inp, out, group_masks=group_masks, name=name):
+                rep = _rows_for(out, row_group.shape[0], name)
+                groups = row_group.to(out.device).repeat(rep)
+                x = inp[0]
+                out = out.clone()
+                for g in torch.unique(groups).tolist():
+                    if g < 0:
+                        continue
+                    rows = (groups == g).nonzero().flatten()
+                    w = mod.weight * group_masks[g].to(mod.weight.device, mod.weight.dtype)
+                    out[rows] -= torch.nn.functional.linear(x[rows], w)
+                return out
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
