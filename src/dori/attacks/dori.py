@@ -101,7 +101,9 @@ class Dori:
         if self.steps < 1 or self.batch_size < 1:
             raise DoriError("Dori needs steps >= 1 and batch_size >= 1")
         device = model.device
-        x0 = x0.to(device, model.dtype)
+        # x0, the noise and x_t stay float32; the UNet casts its inputs to its weights' dtype (bf16 on the
+        # fast path), so only the network runs in low precision
+        x0 = x0.to(device, torch.float32)
         y = init.detach().to(device, torch.float32).clone().requires_grad_(True)
         opt = torch.optim.Adam([y], lr=self.lr)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -121,7 +123,7 @@ class Dori:
         try:
             for step in range(self.steps):
                 noise = torch.stack([torch.randn((b, *x0.shape[1:]), generator=g) for g in gens]).to(
-                    device, model.dtype
+                    device, torch.float32
                 )
                 t = torch.stack([torch.randint(0, T, (b,), generator=g) for g in gens]).to(device)
                 opt.zero_grad(set_to_none=True)
@@ -133,7 +135,7 @@ class Dori:
                     with ctx:
                         per = model.training_loss(
                             xb,
-                            eb.to(model.dtype),
+                            eb,
                             t[lo:hi].reshape(-1),
                             noise[lo:hi].reshape(k * b, *x0.shape[1:]),
                         )

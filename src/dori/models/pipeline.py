@@ -33,6 +33,7 @@ class SamplingConfig:
     steps: int = 50
     guidance: float = 7.0
     batch_size: int = 64
+    decode_batch_size: int | None = None  # images per VAE decode call (None: the whole batch at once)
 
 
 @dataclass
@@ -90,7 +91,8 @@ class T2IModel:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> T2IModel:
         """Move every component (in place) and return self."""
         for module in self.modules().values():
-            module.to(device=device, dtype=dtype)
+            current = next(module.parameters()).dtype
+            module.to(device=device, dtype=None if dtype == current else dtype)
         self._null = None
         return self
 
@@ -181,7 +183,10 @@ class T2IModel:
         raise DoriError(f"unsupported prediction_type {kind!r}")
 
     def unet_forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t, encoder_hidden_states=emb.to(x_t.dtype)).sample
+        """The UNet on inputs cast to its weights' dtype (the fast path keeps x_t and y in float32 and the
+        weights in bf16; for a float32 model the casts do nothing)."""
+        dtype = self.dtype
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample
 
     def training_loss(
         self, x0: torch.Tensor, emb: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -215,7 +220,7 @@ class T2IModel:
         if not torch.is_tensor(t):
             t = torch.tensor(t, device=x_t.device)
         if uncond is None or guidance == 1.0:
-            return self.unet_forward(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t, cond)
+            return self.unet_forward(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t, cond).float()
         if uncond.shape[0] == 1:
             uncond = uncond.expand(cond.shape[0], -1, -1)
         both = self.unet_forward(
@@ -223,7 +228,7 @@ class T2IModel:
             (t.expand(x_t.shape[0]) if t.ndim == 0 else t).repeat(2),
             torch.cat([uncond, cond]),
         )
-        u, c = both.chunk(2)
+        u, c = both.float().chunk(2)
         return u + guidance * (c - u)
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -269,7 +274,8 @@ class T2IModel:
         out = []
         for i in range(0, len(seeds), config.batch_size):
             emb = embeddings[i : i + config.batch_size].to(self.device, self.dtype)
-            x = self.initial_noise(seeds[i : i + config.batch_size]).to(self.device, self.dtype)
+            # the DDIM state stays float32 whatever the weights' dtype (only the UNet input is cast)
+            x = self.initial_noise(seeds[i : i + config.batch_size]).to(self.device, torch.float32)
             sched = self.ddim_scheduler(config.steps)
             x = x * sched.init_noise_sigma
             for t in sched.timesteps:
@@ -277,7 +283,8 @@ class T2IModel:
                     sched.scale_model_input(x, t), t.to(self.device), emb, uncond, config.guidance
                 )
                 x = sched.step(eps, t, x).prev_sample
-            out.append(self.decode(x))
+            step = config.decode_batch_size or x.shape[0]
+            out.extend(self.decode(x[j : j + step]) for j in range(0, x.shape[0], step))
             if progress is not None:
                 progress(min(i + config.batch_size, len(seeds)))
         return torch.cat(out)
