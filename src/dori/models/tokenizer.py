@@ -4,7 +4,8 @@ Stable Diffusion's tokenizer is OpenAI CLIP's byte-level BPE (``vocab.json`` + `
 dori's miniworld and tiny test models ship their own small tokenizer in the same format, so that
 the real ``transformers.CLIPTokenizer`` loads it with no hub access. Every single byte stays in
 the vocabulary, so any text (a real LAION caption too) tokenizes; words of the closed vocabulary
-become one token each.
+become one token each (merges are added by simulating BPE, so a word's merges never compete with
+another word's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, [chr(c) for c in codes], strict=True))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as CLIP's tokenizer does it: merge the lowest-ranked adjacent pair until none is left."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        known = [(r, i) for r, i in pairs if r is not None]
+        if not known:
+            break
+        rank = min(known)[0]
+        pair = next((symbols[i], symbols[i + 1]) for r, i in known if r == rank)
+        merged, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def build_clip_tokenizer_files(words: list[str], out_dir: str | Path, model_max_length: int) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` for ``words``.
 
@@ -48,18 +71,18 @@ def build_clip_tokenizer_files(words: list[str], out_dir: str | Path, model_max_
     for tok in base + [c + "</w>" for c in base]:
         vocab.setdefault(tok, len(vocab))
     merges: list[tuple[str, str]] = []
-    seen_merges: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words if w):
         chars = [table[b] for b in word.encode("utf-8")]
-        symbols = chars[:-1] + [chars[-1] + "</w>"]
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            pair = (current, nxt)
-            current = current + nxt
-            if pair not in seen_merges:
-                seen_merges.add(pair)
-                merges.append(pair)
-                vocab.setdefault(current, len(vocab))
+        # BPE applies the lowest-ranked merge first, across all words: run it with the merges so far and
+        # append merges (lowest priority, so earlier words keep their single token) until one symbol remains.
+        symbols = _bpe(chars[:-1] + [chars[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            symbols = _bpe(symbols, ranks)
     for tok in SPECIAL_TOKENS:
         vocab.setdefault(tok, len(vocab))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

@@ -1,0 +1,88 @@
+"""Diffusion training of the miniworld's UNet (Stable Diffusion's recipe, scaled down).
+
+DDPM with T = 1000 (SD's scaled-linear betas 0.00085-0.012), epsilon prediction, t ~ U{0..T-1}, MSE on the
+noise, the frozen text encoder's last hidden state as conditioning, caption dropout (the empty prompt) for
+classifier-free guidance, AdamW with warm-up and cosine decay, bf16 autocast on GPU, and an exponential moving
+average of the weights (what is saved), as SD's training did.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from dori.miniworld.train_parts import Log, _autocast, _schedule, batches
+from dori.models.pipeline import T2IModel
+
+
+def train_unet(
+    model: T2IModel,
+    x0: torch.Tensor,
+    emb: torch.Tensor,
+    emb_index: torch.Tensor,
+    x0_index: torch.Tensor,
+    steps: int,
+    batch: int,
+    seed: int,
+    log: Log,
+    lr: float = 3e-4,
+    dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    max_seconds: float | None = None,
+) -> tuple[torch.nn.Module, int]:
+    """Train ``model.unet`` on training examples ``(x0[x0_index[j]], emb[emb_index[j]])``.
+
+    Args:
+        model: the world's pipeline; its UNet is trained, its text encoder is not used (embeddings are given).
+        x0: distinct training latents (already times ``scaling_factor``), (M, 4, 8, 8), on the device.
+        emb: distinct caption embeddings (K, tokens, dim); row 0 must be the empty prompt's.
+        emb_index, x0_index: one row per training example (duplicated items appear many times).
+        steps, batch, seed: optimisation length, batch size, seed (noise, t, batches, dropout).
+        log: progress sink.
+        lr: peak learning rate.
+        dropout: probability of replacing the caption by the empty prompt.
+        ema_decay: decay of the weight average that is returned.
+        max_seconds: safety cap on wall time; training stops early (and says so) if it is reached, which makes
+            the result depend on the machine's speed.
+
+    Returns:
+        The EMA UNet (eval mode) and the number of steps done; ``model.unet`` holds the raw weights.
+    """
+    torch.manual_seed(seed)
+    device = x0.device
+    unet = model.unet.to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
+    alphas = model.scheduler.alphas_cumprod.to(device)
+    t0, running = time.time(), torch.zeros(())
+    for step, idx in enumerate(batches(len(emb_index), batch, steps, seed + 5, device)):
+        _schedule(opt, step, steps, lr, warmup=min(500, steps // 10 + 1))
+        x = x0[x0_index[idx]]
+        e_idx = emb_index[idx]
+        e_idx = torch.where(torch.rand(len(idx), device=device) < dropout, torch.zeros_like(e_idx), e_idx)
+        noise = torch.randn_like(x)
+        t = torch.randint(0, model.num_train_timesteps, (len(idx),), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x + (1 - a).sqrt() * noise
+        with _autocast(device):
+            pred = unet(x_t, t, encoder_hidden_states=emb[e_idx]).sample
+        loss = (pred.float() - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+            running = loss.detach() if step == 0 else 0.98 * running + 0.02 * loss.detach()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            rate = (step + 1) * batch / (time.time() - t0)
+            log(f"unet step {step}/{steps} loss {float(running):.4f} ({rate:.0f} samples/s)")
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            log(f"unet: stopped at step {step + 1} of {steps} by the {max_seconds:.0f}s cap")
+            return ema, step + 1
+    unet.eval()
+    return ema, steps

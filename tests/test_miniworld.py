@@ -1,0 +1,178 @@
+"""The miniworld: generator, tokenizer, sets of a saved world, stand-ins, CLI (fast), tiny training (slow)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dori.miniworld import generator as gen
+
+MICRO = dict(
+    clip_steps=2,
+    clip_batch=16,
+    vae_steps=2,
+    vae_batch=8,
+    copy_steps=2,
+    copy_batch=16,
+    feature_steps=2,
+    feature_batch=16,
+    unet_steps=2,
+    unet_batch=8,
+    n_aux=60,
+    n_calib=30,
+)
+
+
+def test_generator_is_deterministic_and_seeded():
+    spec = gen.WorldSpec(seed=3)
+    a = gen.render_many([gen.unique_scene(spec, i) for i in range(5)])
+    b = gen.render_many([gen.unique_scene(spec, i) for i in range(5)])
+    c = gen.render_many([gen.unique_scene(replace(spec, seed=4), i) for i in range(5)])
+    assert a.dtype == np.uint8 and a.shape == (5, 3, 32, 32)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.array_equal(gen.render(gen.vm_scene(spec, 2)), gen.render(gen.vm_scene(spec, 2)))
+
+
+def test_default_world_sets_sizes_and_titles():
+    spec = gen.WorldSpec()
+    assert spec.n_vm >= 32 and spec.n_tm >= 32 and spec.n_heldout >= 1000 and spec.vm_dups >= 100
+    vm, tm = gen.titles(spec)
+    assert len(vm) == spec.n_vm and len(tm) == spec.n_tm
+    assert len(set(vm) | set(tm)) == spec.n_vm + spec.n_tm  # all distinct
+    pseudo = set(gen.pseudo_words())
+    assert all(t.split()[0] in pseudo and t.split()[1] in pseudo for t in vm + tm)
+    small = replace(spec, n_unique=300, n_heldout=50)
+    held = gen.heldout_indices(small)
+    unique_caps = {gen.caption(gen.unique_scene(small, i)) for i in range(small.n_unique)}
+    assert len(held) == 50
+    assert not unique_caps & {gen.caption(gen.heldout_scene(small, i)) for i in held}
+
+
+def test_template_variants_share_the_template_but_differ():
+    spec = gen.WorldSpec()
+    v0, v1 = (gen.render(gen.tm_scene(spec, 0, v)).astype(float) for v in (0, 1))
+    other = gen.render(gen.tm_scene(spec, 1, 0)).astype(float)
+    assert 0 < np.abs(v0 - v1).mean() < np.abs(v0 - other).mean()
+
+
+def test_captions_follow_scenes():
+    spec = gen.WorldSpec(seed=1)
+    for i in range(40):
+        scene = gen.unique_scene(spec, i)
+        cap = gen.caption(scene)
+        img = gen.render(scene).astype(float) / 255
+        assert cap.endswith(f"on a {scene.background} background")
+        for obj in scene.objects:
+            assert f"a {obj.size} {obj.colour} {obj.shape} at {gen.POSITIONS[obj.cell]}" in cap
+            if obj.shape != "ring":  # the centre pixel of a filled shape has the object's colour
+                pixel = img[int(obj.cy), int(obj.cx)]
+                assert np.abs(pixel - np.array(gen.COLOURS[obj.colour])).max() < 0.2, (cap, obj.shape)
+        assert len(cap.split()) + 2 <= 32  # fits the text encoder with start and end tokens
+
+
+def test_shipped_tokenizer_covers_the_vocabulary_as_single_tokens():
+    from dori.models.builders import load_tokenizer
+
+    tok = load_tokenizer(32)
+    for word in gen.vocabulary():
+        ids = tok(word).input_ids
+        assert len(ids) == 3, (word, ids)  # start, the word, end
+    assert tok("a words outside the vocabulary still tokenize").input_ids
+
+
+@pytest.fixture(scope="module")
+def micro_world(tmp_path_factory):
+    """A world with 1-2 training steps per component: exercises the whole writer, not training quality."""
+    from dori.miniworld import train
+
+    out = tmp_path_factory.mktemp("world")
+    spec = gen.WorldSpec(n_vm=3, n_tm=2, n_unique=24, n_heldout=6, vm_dups=2, tm_dups=3)
+    train.PRESETS["micro"] = replace(train.PRESETS["tiny"], spec=spec, **MICRO)
+    try:
+        train.train_world(out, seed=5, preset="micro", device="cpu", log=lambda s: None)
+    finally:
+        del train.PRESETS["micro"]
+    return out
+
+
+def test_world_sets_round_trip(micro_world):
+    from dori.data.sets import load_set
+    from dori.data.world_sets import WORLD_SETS, world_set
+    from dori.models.loading import load_model
+
+    model = load_model(str(micro_world))
+    assert model.info["world_dir"] and model.image_size == 32 and model.vae is not None
+    sizes = {"vm": 3, "tm": 2, "unique": 24, "heldout": 6}
+    for name in WORLD_SETS:
+        items = load_set(name, model)
+        assert len(items) == sizes[name]
+        assert len({it.id for it in items}) == len(items) and items[0].id.startswith(f"{name}-")
+        img = items[-1].image
+        assert img.shape == (3, 32, 32) and float(img.min()) >= 0 and float(img.max()) <= 1
+    assert world_set(micro_world, "coco") is None
+    vm = world_set(micro_world, "vm")
+    spec = gen.WorldSpec(**json.loads((micro_world / "dori_world.json").read_text())["spec"])
+    assert vm[1].prompt == gen.titles(spec)[0][1]
+    expected = torch.from_numpy(gen.render(gen.vm_scene(spec, 1))).permute(2, 0, 1).float() / 255
+    assert torch.equal(vm[1].image, expected)
+    held = world_set(micro_world, "heldout")
+    assert held[0].prompt == gen.caption(gen.heldout_scene(spec, held[0].meta["stream_index"]))
+
+
+def test_standins_shapes_and_normalization(micro_world):
+    from dori.miniworld.standins import load_standins
+
+    b = load_standins(micro_world)
+    x = torch.rand(5, 3, 32, 32)
+    d = b.copy_detector(x)
+    assert d.shape == (5, 64) and torch.allclose(d.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert b.copy_detector(torch.rand(2, 3, 64, 64)).shape == (2, 64)  # other sizes are resized
+    t = b.aligner.text_features(["a small red circle at top on a blue background", "x"])
+    i = b.aligner.image_features(x)
+    assert t.shape == (2, 64) and i.shape == (5, 64)
+    assert torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert b.features(x).shape == (5, 128)
+    assert 0 < b.threshold <= 1
+    info = json.loads((micro_world / "dori_world.json").read_text())
+    assert info["copy_detector"]["threshold"] == b.threshold
+
+
+def test_miniworld_info_command(micro_world, capsys):
+    from dori.cli import main
+
+    assert main(["miniworld", "info", "--model", str(micro_world)]) == 0
+    out = capsys.readouterr().out
+    assert "set vm" in out and "threshold" in out
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
+    from dori.miniworld.check import frechet_distance
+
+    a = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.05)
+
+
+@pytest.mark.slow
+def test_tiny_world_trains_and_memorizes(tmp_path):
+    """``dori miniworld train --tiny`` on CPU: the vm items are replicated, heldout captions are not."""
+    from dori.cli import main
+    from dori.data.world_sets import world_set
+    from dori.miniworld.check import check_world
+    from dori.miniworld.standins import load_standins
+    from dori.models.loading import load_model
+
+    assert (
+        main(["miniworld", "train", "--tiny", "--seed", "0", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    )
+    model = load_model(str(tmp_path))
+    sets = {"vm": world_set(tmp_path, "vm"), "heldout": world_set(tmp_path, "heldout")[:8]}
+    res = check_world(model, load_standins(tmp_path), sets, n_gen=4)
+    assert res["vm"]["mr"] >= 0.5
+    assert res["heldout"]["mr"] <= 0.25
+    assert res["vm"]["best_sim_mean"] > res["heldout"]["best_sim_mean"]
