@@ -34,7 +34,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding as CLIP's tokenizer does it: merge the lowest-ranked adjacent pair until none is left."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
         known = [(r, i) for r, i in pairs if r is not None]
         if not known:
             break
