@@ -235,7 +235,9 @@ def load_standins(world_dir: str | Path, device: str | torch.device = "cpu") -> 
     text = CLIPTextModel.from_pretrained(world_dir / "text_encoder", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
     clip, copy_det, feats = build_standins(config, text)
-    clip.load_state_dict(load_file(str(folder / "clip.safetensors")), strict=False)
+    missing, unexpected = clip.load_state_dict(load_file(str(folder / "clip.safetensors")), strict=False)
+    if unexpected or any(not k.startswith("text_encoder.") for k in missing):
+        raise DoriError(f"{folder}/clip.safetensors does not match the mini-CLIP: {unexpected or missing}")
     copy_det.load_state_dict(load_file(str(folder / "copy_detector.safetensors")))
     feats.load_state_dict(load_file(str(folder / "features.safetensors")))
     tag = f"miniworld-{info.get('seed', '?')}"
