@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     )
     t.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     t.add_argument("--workers", type=int, default=1, help="processes rendering the data")
+    t.add_argument(
+        "--stop-before-unet",
+        action="store_true",
+        help="train the other components and stop (a second call trains the UNet and writes the world)",
+    )
     t.set_defaults(func=run_train)
 
     i = msub.add_parser("info", help="what a world holds: sets, model sizes, threshold, provenance")
@@ -51,6 +56,7 @@ def run_train(args) -> int:
         preset="tiny" if args.tiny else "full",
         device=resolve_device(args.device),
         workers=args.workers,
+        stop_before_unet=args.stop_before_unet,
     )
     return 0
 

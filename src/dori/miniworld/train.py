@@ -192,7 +192,8 @@ def train_world(
     workers: int = 1,
     log=print,
     overrides: dict | None = None,
-) -> Path:
+    stop_before_unet: bool = False,
+) -> Path | None:
     """Train every component of a miniworld and write the loadable folder ``out`` (see module docstring).
 
     Args:
@@ -203,6 +204,8 @@ def train_world(
         workers: processes that render the data.
         log: progress sink.
         overrides: :class:`TrainConfig` fields to change (e.g. step counts for a smoke run).
+        stop_before_unet: train and keep every other component, then return ``None`` (a later call
+            trains the UNet: lets a job with a short time limit split the work).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -315,6 +318,9 @@ def train_world(
     )
     sched = DDPMScheduler.from_config(SD_SCHEDULER)
     model = T2IModel(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=vae, name=str(out))
+    if stop_before_unet:
+        timed("stopping before the UNet (resume with the same command)")
+        return None
     if not store.load("unet", unet):
         t = timed("UNet")
         spec = cfg.spec

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Prepare the lent GPU machine (see docs/performance.md): its image has torch, transformers, accelerate and
+# safetensors but no diffusers, which travels as a wheel in .whl/ (carry it with the run).
+set -euo pipefail
+python3 -m pip install -q --no-deps .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+python3 -c "import dori, diffusers, torch; print('dori ready:', torch.__version__, torch.cuda.get_device_name(0))"
