@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4/8 runs on the shipped miniworld on the lent GPU: Dori step sweeps (Tables 6-7, Fig. 7) and the
-# locality recipe. Results (JSON/MD/PNG) are packed into $OUT/sweeps.tgz after every stage.
+# locality recipe (its config is edited in place: run it on a throwaway copy such as the device machine's). Results (JSON/MD/PNG) are packed into $OUT/sweeps.tgz after every stage.
 set -u
 bash tools/gpu_env.sh || exit 1
 R=runs/gpu; mkdir -p $R

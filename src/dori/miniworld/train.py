@@ -319,7 +319,7 @@ def train_world(
     sched = DDPMScheduler.from_config(SD_SCHEDULER)
     model = T2IModel(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=vae, name=str(out))
     if stop_before_unet:
-        timed("stopping before the UNet (resume with the same command)")
+        timed("stopped before the UNet (run again without --stop-before-unet to finish)")
         return None
     if not store.load("unet", unet):
         t = timed("UNet")
