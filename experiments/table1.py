@@ -19,6 +19,8 @@ parser.add_argument("--out", default="runs/table1")
 parser.add_argument("--limit", type=int, default=None)
 parser.add_argument("--device", default=None)
 parser.add_argument("--dtype", default="fp32")
+parser.add_argument("--fast", action="store_true", help="audits on the fast path (bf16 on CUDA)")
+parser.add_argument("--batch-size", type=int, default=64, help="sampling batch of the audits")
 args = parser.parse_args()
 
 config = Table1Config(
@@ -34,6 +36,8 @@ config = Table1Config(
     limit=args.limit,
     device=args.device,
     dtype=args.dtype,
+    fast=args.fast,
+    batch_size=args.batch_size,
 )
 table = run_table1(args.out, config)
 print(Path(args.out, "TABLE1.md").read_text())

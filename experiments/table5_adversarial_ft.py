@@ -20,9 +20,11 @@ Stages, each resumable (run the command again after a kill; finished work is ski
    the ``-random`` rows for random init, ``heldout.*`` rows; ``paper``; ``cost``; ``provenance``) and
    ``OUT/TABLE5.md`` with the paper's numbers beside the measured ones.
 
-Edit the config and rerun to change anything; a changed setting needs a new OUT.
+Every config value below can be edited in place; the common ones are also options
+(``--limit K --epochs E --out DIR --device cuda``). A changed setting needs a new OUT.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -58,9 +60,33 @@ EPOCHS = 5
 ADV = ["--lr", "1e-5", "--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"]
 LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant
 CHECK_UTILITY = 100  # Appendix I.7: utility pairs checked for new memorization
+_cli = argparse.ArgumentParser(description="Tables 3 and 5 of Finding Dori on a world (resumable)")
+_cli.add_argument("--model", default=MODEL)
+_cli.add_argument("--limit", type=int, default=LIMIT, help="first K items of the set (default: all)")
+_cli.add_argument("--epochs", type=int, default=EPOCHS)
+_cli.add_argument("--out", type=Path, default=OUT)
+_cli.add_argument("--device", default=None, help="e.g. cuda (default: the models' default device)")
+_cli.add_argument("--n-utility", type=int, default=N_UTILITY, help="FID/KID prompts")
+_cli.add_argument("--n-heldout", type=int, default=N_HELDOUT, help="heldout items for the A_CLIP rows")
+_cli.add_argument("--check-utility", type=int, default=CHECK_UTILITY, help="Appendix I.7 pairs")
+_cli.add_argument("--esd-per-item", type=int, default=90, help="ESD iterations per memorized item")
+_cli.add_argument("--ca-per-item", type=int, default=107, help="Concept Ablation steps per memorized item")
+_cli.add_argument(
+    "--only",
+    default=None,
+    help="comma list of fit stages to run, then stop (nemo, advft, advft-lora, esd, ca, siss): lets "
+    "independent stages run as parallel processes; a final call without it runs the rest and the audit",
+)
+_opts = _cli.parse_args()
+MODEL, LIMIT, EPOCHS, OUT = _opts.model, _opts.limit, _opts.epochs, _opts.out
+N_UTILITY, N_HELDOUT, CHECK_UTILITY = _opts.n_utility, _opts.n_heldout, _opts.check_utility
+if _opts.device:
+    EXTRA = [*EXTRA, "--device", _opts.device]
+DEVICE = _opts.device or "cpu"
 # baselines (reference settings; the Dori paper ran ESD ~90 and CA ~107 steps per memorized prompt)
-ESD_PER_ITEM = 90
-CA_PER_ITEM = 107
+ESD_PER_ITEM = _opts.esd_per_item
+CA_PER_ITEM = _opts.ca_per_item
+ONLY = set(_opts.only.split(",")) if _opts.only else None
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
 SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
 # audit
@@ -81,7 +107,11 @@ PAPER = {
     "advft": (0.15, 0.15, 0.33, 0.00, 13.61),
     "advft+dori": (0.36, 0.54, 0.30, 0.02, None),
 }
-cost: dict = json.loads((OUT / "cost.json").read_text()) if (OUT / "cost.json").exists() else {}
+COST = OUT / "cost"  # one file per stage: parallel processes (--only) never overwrite each other's
+
+
+def load_cost() -> dict:
+    return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(COST.glob("*.json"))}
 
 
 def dori(*argv: str) -> None:
@@ -92,8 +122,8 @@ def dori(*argv: str) -> None:
 
 
 def timed(name: str, done: Path, *argv: str) -> None:
-    """Run one dori command unless ``done`` exists; record its wall time."""
-    if done.exists():
+    """Run one dori command unless ``done`` exists (or ``--only`` leaves it out); record its wall time."""
+    if done.exists() or (ONLY is not None and name not in ONLY):
         return
     start = time.perf_counter()
     dori(*argv)
@@ -101,13 +131,13 @@ def timed(name: str, done: Path, *argv: str) -> None:
 
 
 def spent(name: str, start: float) -> None:
-    """Add the wall time since ``start`` to ``cost[name]`` (summed over reruns, saved in OUT/cost.json)."""
-    cost[name] = round(cost.get(name, 0.0) + time.perf_counter() - start, 1)
-    atomic_write_text(OUT / "cost.json", json.dumps(cost, indent=1))
+    """Add the wall time since ``start`` to stage ``name``'s cost (summed over reruns, OUT/cost/NAME.json)."""
+    seconds = round(load_cost().get(name, 0.0) + time.perf_counter() - start, 1)
+    atomic_write_text(COST / f"{name}.json", json.dumps({"seconds": seconds}))
 
 
 # ---------------------------------------------------------------- 1-3: fit and fine-tune
-model = load_model(MODEL)
+model = load_model(MODEL, device=DEVICE)
 items = load_set(SET, model, limit=LIMIT)
 n = len(items)
 where = ["--model", MODEL, "--set", SET, *EXTRA] + (["--limit", str(LIMIT)] if LIMIT else [])
@@ -172,6 +202,9 @@ timed(
     *("--json", str(OUT / "siss.json")),
 )
 
+if ONLY is not None:
+    sys.exit(0)
+
 # ---------------------------------------------------------------- 4: audit
 backends = load_backends(model)
 config = EvalConfig(n_gens=N_GENS, sampling=SamplingConfig(steps=SAMPLE_STEPS, guidance=GUIDANCE), seed=SEED)
@@ -226,9 +259,51 @@ def audit(key: str, m) -> None:
     spent(f"audit.{key}", start)
 
 
+# ---------------------------------------------------------------- 5: write
+
+
+def write(final: bool) -> None:
+    """``OUT/table5.json`` and ``OUT/TABLE5.md`` from the rows so far (rewritten after every model)."""
+    advft_log = [json.loads(line) for line in (OUT / "advft" / "losses.jsonl").read_text().splitlines()]
+    epochs = [r for r in advft_log if r.get("kind") == "epoch"]
+    i7 = OUT / "advft" / "utility_memorization.json"
+    paper = {
+        k: dict(zip(("sscd_orig", "sscd_gen", "a_clip", "mr", "fid"), v, strict=True))
+        for k, v in PAPER.items()
+    }
+    result = {
+        "model": MODEL,
+        "set": SET,
+        "complete": final,
+        "rows": rows,
+        "paper": paper,
+        "utility_memorization": json.loads(i7.read_text()) if i7.exists() else None,
+        "cost_seconds": load_cost(),  # wall time per stage, summed over (re)runs; a finished stage adds nothing
+        "advft_epochs": epochs,  # per epoch: losses, Dori and update seconds
+        "provenance": run.provenance,
+    }
+    atomic_write_text(OUT / "table5.json", json.dumps(result, indent=2, default=str))
+    lines = [
+        f"# Tables 3 and 5 on {MODEL} (`{SET}`, {n} items)",
+        "",
+        f"Command: `python experiments/table5_adversarial_ft.py {' '.join(sys.argv[1:])}`",
+        "",
+        *([] if final else ["**Partial**: the audit has not reached every model yet.", ""]),
+    ]
+    lines += [format_table(rows, fmt="markdown"), "", "Paper (SD v1.4, VM):", ""]
+    lines += [
+        f"- {k}: " + ", ".join(f"{m} {v}" for m, v in p.items() if v is not None) for k, p in paper.items()
+    ]
+    atomic_write_text(OUT / "TABLE5.md", "\n".join(lines) + "\n")
+    print(format_table(rows))
+    print(f"written: {OUT / 'table5.json'}, {OUT / 'TABLE5.md'}")
+
+
 audit("none", model)
+write(final=False)
 for key in ("esd", "ca", "advft", "advft-lora"):
-    audit(key, load_model(str(OUT / key)))
+    audit(key, load_model(str(OUT / key), device=DEVICE))
+    write(final=False)
 
 # SISS: one model per item (each started from the original model), each audited on its own item only; no
 # FID or heldout rows (they would mix models)
@@ -236,7 +311,7 @@ start = time.perf_counter()
 siss_models = json.loads((OUT / "siss.json").read_text())["models"]
 siss_items = [(j, it) for j, it in enumerate(items) if it.id in siss_models]
 for j, it in siss_items:
-    m = load_model(siss_models[it.id])
+    m = load_model(siss_models[it.id], device=DEVICE)
     for setting in settings_of("siss", "none"):
         evaluate(m, "siss", setting, [it], [j])
 for setting in settings_of("siss", "none"):
@@ -244,32 +319,4 @@ for setting in settings_of("siss", "none"):
     rows.append(dict(summarize(records, setting, SET, backends.threshold), n_models=len(siss_items)))
 spent("audit.siss", start)
 
-# ---------------------------------------------------------------- 5: write
-advft_log = [json.loads(line) for line in (OUT / "advft" / "losses.jsonl").read_text().splitlines()]
-epochs = [r for r in advft_log if r.get("kind") == "epoch"]
-i7 = OUT / "advft" / "utility_memorization.json"
-paper = {
-    k: dict(zip(("sscd_orig", "sscd_gen", "a_clip", "mr", "fid"), v, strict=True)) for k, v in PAPER.items()
-}
-result = {
-    "model": MODEL,
-    "set": SET,
-    "rows": rows,
-    "paper": paper,
-    "utility_memorization": json.loads(i7.read_text()) if i7.exists() else None,
-    "cost_seconds": cost,  # wall time per stage, summed over (re)runs; a finished stage adds nothing
-    "advft_epochs": epochs,  # per epoch: losses, Dori and update seconds
-    "provenance": run.provenance,
-}
-atomic_write_text(OUT / "table5.json", json.dumps(result, indent=2, default=str))
-lines = [
-    f"# Tables 3 and 5 on {MODEL} (`{SET}`, {n} items)",
-    "",
-    "Command: `python experiments/table5_adversarial_ft.py`",
-    "",
-]
-lines += [format_table(rows, fmt="markdown"), "", "Paper (SD v1.4, VM):", ""]
-lines += [f"- {k}: " + ", ".join(f"{m} {v}" for m, v in p.items() if v is not None) for k, p in paper.items()]
-atomic_write_text(OUT / "TABLE5.md", "\n".join(lines) + "\n")
-print(format_table(rows))
-print(f"written: {OUT / 'table5.json'}, {OUT / 'TABLE5.md'}")
+write(final=True)

@@ -238,7 +238,7 @@ def add_fast_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="bf16 weights, flash attention, channels_last, batches sized from free memory (CUDA)",
+        help="bf16 weights and flash attention on CUDA, batches sized from free memory",
     )
     parser.add_argument(
         "--compile",

@@ -7,10 +7,12 @@ to ``--json``). Resumable: run the same command again to continue an interrupted
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
 from dori.errors import DoriError
+from dori.fast import add_fast_args, fast_path_from_args
 
 
 def add_parser(sub) -> None:
@@ -41,6 +43,7 @@ def add_parser(sub) -> None:
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (paper: 50)")
     g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (paper: 7)")
     g.add_argument("--batch-size", type=int, default=64, help="images per UNet batch when sampling")
+    add_fast_args(p)
     g.add_argument("--utility-set", default=None, help="prompt set for FID/KID (heldout, coco, a file)")
     g.add_argument("--n-utility", type=int, default=None, help="first K prompts of the utility set")
     g.add_argument("--reference-images", default=None, help="folder of FID/KID reference images")
@@ -127,6 +130,15 @@ def run(args) -> int:
         seed=args.seed,
     )
     dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
+    fast = fast_path_from_args(args, model)
+    if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
+        fast_dori, _ = fast.dori(model, len(items), steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
+        dori.max_micro_batch = max(dori.max_micro_batch, fast_dori.max_micro_batch)
+        sampling = fast.sampling(model, config.sampling)
+        if sampling.batch_size > config.sampling.batch_size:
+            config.sampling = sampling
+        elif config.sampling.decode_batch_size is None:
+            config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     run_dir = RunDir(
         args.out,

@@ -24,7 +24,9 @@ class AppliedMitigation(Protocol):
 
     name: str
 
-    def applied(self, model: T2IModel, item_ids: Sequence[str] | None = None) -> contextlib.AbstractContextManager:
+    def applied(
+        self, model: T2IModel, item_ids: Sequence[str] | None = None
+    ) -> contextlib.AbstractContextManager:
         """Apply to ``model`` within the block: for the given items (per-item neuron sets / masks), or
         for all fitted items at once when ``item_ids`` is None; restore the model exactly on exit."""
         ...

@@ -86,6 +86,8 @@ class Table1Config:
     wanda_group: str = "prompt"
     device: str | None = None
     dtype: str = "fp32"
+    batch_size: int = 64  # images per UNet batch when sampling (results do not depend on it)
+    fast: bool = False  # the audits on the fast path (bf16 weights on CUDA, batches from free memory)
     seed: int = 0
     progress: bool = True
 
@@ -154,6 +156,9 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
         "--seed",
         str(cfg.seed),
         *_limit(cfg),
+        "--batch-size",
+        str(cfg.batch_size),
+        *(["--fast"] if cfg.fast else []),
     ]
     utility = ["--utility-set", cfg.utility_set, "--n-utility", str(cfg.n_utility)]
     parts = {
