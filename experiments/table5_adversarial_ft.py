@@ -77,6 +77,11 @@ _cli.add_argument(
     help="comma list of fit stages to run, then stop (nemo, advft, advft-lora, esd, ca, siss): lets "
     "independent stages run as parallel processes; a final call without it runs the rest and the audit",
 )
+_cli.add_argument(
+    "--baselines",
+    default="esd,ca,siss",
+    help="comma list of the baselines to fit and audit (default esd,ca,siss); the rest are left out",
+)
 _opts = _cli.parse_args()
 MODEL, LIMIT, EPOCHS, OUT = _opts.model, _opts.limit, _opts.epochs, _opts.out
 N_UTILITY, N_HELDOUT, CHECK_UTILITY = _opts.n_utility, _opts.n_heldout, _opts.check_utility
@@ -87,6 +92,7 @@ DEVICE = _opts.device or "cpu"
 ESD_PER_ITEM = _opts.esd_per_item
 CA_PER_ITEM = _opts.ca_per_item
 ONLY = set(_opts.only.split(",")) if _opts.only else None
+BASELINES = [b for b in ("esd", "ca", "siss") if b in _opts.baselines.split(",")]
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
 SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
 # audit
@@ -124,6 +130,8 @@ def dori(*argv: str) -> None:
 def timed(name: str, done: Path, *argv: str) -> None:
     """Run one dori command unless ``done`` exists (or ``--only`` leaves it out); record its wall time."""
     if done.exists() or (ONLY is not None and name not in ONLY):
+        return
+    if name in ("esd", "ca", "siss") and name not in BASELINES:
         return
     start = time.perf_counter()
     dori(*argv)
@@ -301,22 +309,23 @@ def write(final: bool) -> None:
 
 audit("none", model)
 write(final=False)
-for key in ("esd", "ca", "advft", "advft-lora"):
+for key in [b for b in BASELINES if b != "siss"] + ["advft", "advft-lora"]:
     audit(key, load_model(str(OUT / key), device=DEVICE))
     write(final=False)
 
 # SISS: one model per item (each started from the original model), each audited on its own item only; no
 # FID or heldout rows (they would mix models)
-start = time.perf_counter()
-siss_models = json.loads((OUT / "siss.json").read_text())["models"]
-siss_items = [(j, it) for j, it in enumerate(items) if it.id in siss_models]
-for j, it in siss_items:
-    m = load_model(siss_models[it.id], device=DEVICE)
+if "siss" in BASELINES:
+    start = time.perf_counter()
+    siss_models = json.loads((OUT / "siss.json").read_text())["models"]
+    siss_items = [(j, it) for j, it in enumerate(items) if it.id in siss_models]
+    for j, it in siss_items:
+        m = load_model(siss_models[it.id], device=DEVICE)
+        for setting in settings_of("siss", "none"):
+            evaluate(m, "siss", setting, [it], [j])
     for setting in settings_of("siss", "none"):
-        evaluate(m, "siss", setting, [it], [j])
-for setting in settings_of("siss", "none"):
-    records = [run.get(f"item.{setting.key}.{it.id}") for _, it in siss_items]
-    rows.append(dict(summarize(records, setting, SET, backends.threshold), n_models=len(siss_items)))
-spent("audit.siss", start)
+        records = [run.get(f"item.{setting.key}.{it.id}") for _, it in siss_items]
+        rows.append(dict(summarize(records, setting, SET, backends.threshold), n_models=len(siss_items)))
+    spent("audit.siss", start)
 
 write(final=True)

@@ -264,3 +264,31 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
     prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
     assert all(p.endswith(it.prompt) and p != it.prompt for p, it in zip(prompts, items, strict=True))
+
+
+def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):
+    """``--fast`` keeps float32 on the CPU and only changes batching, which results never depend on."""
+    from dori.cli import main
+
+    _, result = cli_run
+    items = write_items(tmp_path / "data")
+    out = tmp_path / "fast.json"
+    args = [
+        "audit",
+        *CLI_ARGS,
+        "--set",
+        str(items),
+        "--utility-set",
+        str(items),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dori.metrics.backends.load_backends", fake_backends)
+        assert main([*args, "--fast", "--json", str(out)]) == 0
+    fast = json.loads(out.read_text())
+    keys = ("setting", "mr", "sscd_orig", "d_sscd", "a_clip", "fid")
+    assert [{k: r[k] for k in keys} for r in fast["rows"]] == [
+        {k: r[k] for k in keys} for r in result["rows"]
+    ]
+    assert fast["provenance"]["dtype"] == "torch.float32"

@@ -1,6 +1,7 @@
 """NeMo on the tiny model and on synthetic scores; MS-SSIM against a direct computation."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -201,6 +202,18 @@ def test_calibration_cached_and_consistent(tiny, calib, cache_dir, tmp_path, mon
     )  # fmt: skip
     assert again.ssim_std == calib.ssim_std
     torch.testing.assert_close(again.means, calib.means)
+
+    # a world folder may carry the calibration (the shipped miniworld does): used when the cache is empty
+    world = tmp_path / "world"
+    (world / "nemo").mkdir(parents=True)
+    for f in cache_dir.glob("calibration-*"):
+        shutil.copy(f, world / "nemo" / f.name)
+    monkeypatch.setitem(tiny.info, "world_dir", str(world))
+    shipped = nemo_calibration.calibrate(
+        tiny, "abs-mean", NeMo()._v["threshold"], ms_ssim_settings(8, 8), n_seeds=4,
+        prompts=PROMPTS, prompt_set="test", cache_dir=tmp_path / "empty-cache",
+    )  # fmt: skip
+    assert shipped.ssim_mean == calib.ssim_mean and not (tmp_path / "empty-cache").exists()
 
 
 def test_row_masks_equal_channel_scaling(tiny):
