@@ -132,9 +132,10 @@ def run(args) -> int:
     dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
     fast = fast_path_from_args(args, model)
     if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
-        fast_dori, _ = fast.dori(model, len(items), steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
+        fast_dori, _, sampling = fast.prepare(  # probes the batch sizes, then compiles if --compile
+            model, config.sampling, len(items), steps=args.steps, lr=args.lr, batch_size=args.dori_batch
+        )
         dori.max_micro_batch = max(dori.max_micro_batch, fast_dori.max_micro_batch)
-        sampling = fast.sampling(model, config.sampling)
         if sampling.batch_size > config.sampling.batch_size:
             config.sampling = sampling
         elif config.sampling.decode_batch_size is None:
