@@ -214,6 +214,7 @@ def test_calibration_cached_and_consistent(tiny, calib, cache_dir, tmp_path, mon
         prompts=PROMPTS, prompt_set="test", cache_dir=tmp_path / "empty-cache",
     )  # fmt: skip
     assert shipped.ssim_mean == calib.ssim_mean and not (tmp_path / "empty-cache").exists()
+    assert shipped.info["source"] == "computed, shipped with the world"
 
 
 def test_row_masks_equal_channel_scaling(tiny):

@@ -269,7 +269,12 @@ def calibrate(
     world = getattr(model, "info", {}).get("world_dir")
     shipped = Path(world) / "nemo" / path.name if world is not None else None
     if shipped is not None and shipped.exists():  # a world may carry its calibration (the shipped one does)
-        return Calibration.load(shipped)
+        calib = Calibration.load(shipped)
+        calib.info = {
+            **calib.info,
+            "source": f"{calib.info.get('source', 'computed')}, shipped with the world",
+        }
+        return calib
     means, stds = activation_statistics(model, prompts, reduce)
     pairs = pairwise_ssim_values(model, prompts, noise, ssim, n_seeds, seed, batch_size, progress)
     flat = pairs.flatten().double()
