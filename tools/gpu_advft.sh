@@ -11,4 +11,4 @@ pack() { tar czf $OUT/table5.tgz $(find $R/table5 -maxdepth 2 \( -name '*.json' 
 /usr/bin/time -f "fit siss %e s" timeout 100 $T5 --only siss > $R/t5-siss.log 2>&1 & B=$!
 wait $A $B; pack
 /usr/bin/time -f "audit %e s" timeout ${AUDIT_S:-160} $T5 > $R/t5-audit.log 2>&1; pack
-tail -4 $R/t5-chain.log $R/t5-lora.log $R/t5-siss.log; grep -v "it/s\]" $R/t5-audit.log | tail -22
+tail -n 4 $R/t5-chain.log $R/t5-lora.log $R/t5-siss.log; grep -v "it/s\]" $R/t5-audit.log | tail -n 22

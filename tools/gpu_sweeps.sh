@@ -10,8 +10,8 @@ SW="--attack dori --steps 150 --snapshots 1,10,25,50,100"
 for spec in "vm prompt 40" "vm random 40" "heldout prompt 100" "heldout random 100" "unique prompt 100"; do
   set -- $spec
   /usr/bin/time -f "%e s" timeout 120 $A --set $1 --limit $3 $SW --init $2 --out $R/sweep-$1-$2 --json $R/sweep-$1-$2.json > $R/sweep-$1-$2.log 2>&1
-  tail -12 $R/sweep-$1-$2.log; pack
+  tail -n 12 $R/sweep-$1-$2.log; pack
 done
 sed -i 's/^EXTRA: list\[str\] = \[\]/EXTRA = ["--device", "cuda"]/; s#^OUT = Path("runs/locality-miniworld")#OUT = Path("runs/gpu/locality")#' experiments/locality_figures.py
-timeout ${LOC_S:-200} python3 experiments/locality_figures.py > $R/locality.log 2>&1; tail -15 $R/locality.log; pack
+timeout ${LOC_S:-200} python3 experiments/locality_figures.py > $R/locality.log 2>&1; tail -n 15 $R/locality.log; pack
 ls -la $OUT

@@ -14,7 +14,7 @@ SEED1=$!
 /usr/bin/time -f "fit esd %e s" timeout ${FIT_S:-330} $T5 --only esd > $R/t5-esd.log 2>&1 & B=$!
 /usr/bin/time -f "fit ca %e s" timeout ${FIT_S:-330} $T5 --only ca > $R/t5-ca.log 2>&1 & C=$!
 wait $A $B $C; pack
-tail -3 $R/t5-chain.log $R/t5-esd.log $R/t5-ca.log
+tail -n 3 $R/t5-chain.log $R/t5-esd.log $R/t5-ca.log
 /usr/bin/time -f "audit %e s" timeout ${AUDIT_S:-200} $T5 > $R/t5-audit.log 2>&1; pack
-tail -30 $R/t5-audit.log
-wait $SEED1; tail -5 $R/seed1-parts.log; ls -la $OUT
+tail -n 30 $R/t5-audit.log
+wait $SEED1; tail -n 5 $R/seed1-parts.log; ls -la $OUT
