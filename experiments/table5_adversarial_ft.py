@@ -77,6 +77,13 @@ _cli.add_argument(
     help="comma list of fit stages to run, then stop (nemo, advft, advft-lora, esd, ca, siss): lets "
     "independent stages run as parallel processes; a final call without it runs the rest and the audit",
 )
+_cli.add_argument("--lr", default=None, help="adversarial fine-tuning learning rate (default: ADV's)")
+_cli.add_argument(
+    "--variants",
+    default="advft,advft-lora",
+    help="comma list of the adversarial fine-tuning rows to fit and audit (default advft,advft-lora; empty: "
+    "baselines only)",
+)
 _cli.add_argument(
     "--baselines",
     default="esd,ca,siss",
@@ -93,6 +100,11 @@ ESD_PER_ITEM = _opts.esd_per_item
 CA_PER_ITEM = _opts.ca_per_item
 ONLY = set(_opts.only.split(",")) if _opts.only else None
 BASELINES = [b for b in ("esd", "ca", "siss") if b in _opts.baselines.split(",")]
+VARIANTS = [v for v in ("advft", "advft-lora") if v in _opts.variants.split(",")]
+if "advft-lora" in VARIANTS and "advft" not in VARIANTS:
+    _cli.error("--variants advft-lora needs advft (it reuses advft's surrogates)")
+if _opts.lr:
+    ADV = [*ADV[: ADV.index("--lr")], "--lr", _opts.lr, *ADV[ADV.index("--lr") + 2 :]]
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
 SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
 # audit
@@ -132,6 +144,8 @@ def timed(name: str, done: Path, *argv: str) -> None:
     if done.exists() or (ONLY is not None and name not in ONLY):
         return
     if name in ("esd", "ca", "siss") and name not in BASELINES:
+        return
+    if name in ("advft", "advft-lora") and name not in VARIANTS:
         return
     start = time.perf_counter()
     dori(*argv)
@@ -203,10 +217,16 @@ timed(
     ),
     *("--out", str(OUT / "ca")),
 )
+# SISS's keep set: adversarial FT's surrogates, or (baselines only) the same kind generated under NeMo
+siss_keep = (
+    ["--surrogates", str(surr)]
+    if "advft" in VARIANTS
+    else ["--surrogate-mitigation", f"nemo:{nemo}", *SURROGATES]
+)
 timed(
     "siss",
     OUT / "siss.json",
-    *("finetune", "siss", *base, "--surrogates", str(surr), *SISS, "--out", str(OUT / "siss")),
+    *("finetune", "siss", *base, *siss_keep, *SISS, "--out", str(OUT / "siss")),
     *("--json", str(OUT / "siss.json")),
 )
 
@@ -272,7 +292,8 @@ def audit(key: str, m) -> None:
 
 def write(final: bool) -> None:
     """``OUT/table5.json`` and ``OUT/TABLE5.md`` from the rows so far (rewritten after every model)."""
-    advft_log = [json.loads(line) for line in (OUT / "advft" / "losses.jsonl").read_text().splitlines()]
+    log = OUT / "advft" / "losses.jsonl"
+    advft_log = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     epochs = [r for r in advft_log if r.get("kind") == "epoch"]
     i7 = OUT / "advft" / "utility_memorization.json"
     paper = {
@@ -309,7 +330,7 @@ def write(final: bool) -> None:
 
 audit("none", model)
 write(final=False)
-for key in [b for b in BASELINES if b != "siss"] + ["advft", "advft-lora"]:
+for key in [b for b in BASELINES if b != "siss"] + VARIANTS:
     audit(key, load_model(str(OUT / key), device=DEVICE))
     write(final=False)
 
