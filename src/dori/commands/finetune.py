@@ -54,7 +54,15 @@ def add_parser(sub) -> None:
     g.add_argument("--embeddings-per-item", type=int, default=1)
     g.add_argument("--utility-set", default="unique", help="non-memorized image-caption pairs")
     g.add_argument("--n-utility", type=int, default=None, help="first K utility pairs")
-    g.add_argument("--utility-batch", type=int, default=None)
+    g.add_argument(
+        "--noise-draws",
+        type=int,
+        default=1,
+        help="(surrogate, noise, t) draws per adversarial embedding per update",
+    )
+    g.add_argument(
+        "--utility-batch", type=int, default=None, help="utility pairs per update (default: = adversarial)"
+    )
     g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per search (0: the init itself)")
     g.add_argument("--dori-lr", type=float, default=0.1)
     g.add_argument("--dori-batch", type=int, default=8)
@@ -219,6 +227,7 @@ def _adversarial(args, model, items, out: Path) -> dict:
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
         embeddings_per_item=args.embeddings_per_item,
+        noise_draws=args.noise_draws,
         utility_batch=args.utility_batch,
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,

@@ -68,6 +68,8 @@ class AdversarialFineTuning:
         items_per_step: memorized items in one update (1 = Algorithm 2).
         embeddings_per_item: adversarial embeddings searched per item and epoch; each pairs with its own
             surrogate draw in every update of that item.
+        noise_draws: (surrogate, noise, t) draws per adversarial embedding in each update (1 = Algorithm 2;
+            more lowers the variance of L_adv's gradient at the same learning rate).
         utility_batch: non-memorized pairs per update (None: as many as adversarial samples, App. I.1).
         dori_steps: Dori steps per search (paper 50; Tables 14-15: 25, 50, 100; 0 = the init itself).
         dori_lr: Dori's Adam learning rate (paper 0.1).
@@ -92,6 +94,7 @@ class AdversarialFineTuning:
     grad_clip: float | None = 1.0
     items_per_step: int = 1
     embeddings_per_item: int = 1
+    noise_draws: int = 1
     utility_batch: int | None = None
     dori_steps: int = 50
     dori_lr: float = 0.1
@@ -110,9 +113,18 @@ class AdversarialFineTuning:
             raise DoriError(f"init_schedule must be one of {INIT_SCHEDULES}, got {self.init_schedule!r}")
         if not (self.utility_loss or self.mitigation_loss):
             raise DoriError("at least one of utility_loss and mitigation_loss must be on")
-        if min(self.epochs, self.steps_per_embedding, self.items_per_step, self.embeddings_per_item) < 1:
+        if (
+            min(
+                self.epochs,
+                self.steps_per_embedding,
+                self.items_per_step,
+                self.embeddings_per_item,
+                self.noise_draws,
+            )
+            < 1
+        ):
             raise DoriError(
-                "epochs, steps_per_embedding, items_per_step and embeddings_per_item must be >= 1"
+                "epochs, steps_per_embedding, items_per_step, embeddings_per_item and noise_draws must be >= 1"
             )
         if self.dori_steps < 0:
             raise DoriError("dori_steps must be >= 0")
@@ -266,7 +278,7 @@ class AdversarialFineTuning:
         emit: Callable[[dict], None],
     ) -> dict:
         ft.unet.train()
-        device, k = ft.device, self.embeddings_per_item
+        device, k, d = ft.device, self.embeddings_per_item, self.noise_draws
         order = torch.randperm(len(data.items), generator=gen).tolist()
         groups = [order[i : i + self.items_per_step] for i in range(0, len(order), self.items_per_step)]
         ctx = (
@@ -282,13 +294,13 @@ class AdversarialFineTuning:
                 if self.mitigation_loss:
                     for i in group:
                         surr = data.surr[data.items[i].id]
-                        pick = torch.randint(0, surr.shape[0], (k,), generator=gen)
+                        pick = torch.randint(0, surr.shape[0], (k * d,), generator=gen)
                         x0_parts.append(surr[pick.to(surr.device)])
-                        emb_parts.append(y_adv[i * k : (i + 1) * k])
-                    n_adv = len(group) * k
+                        emb_parts.append(y_adv[i * k : (i + 1) * k].repeat(d, 1, 1))
+                    n_adv = len(group) * k * d
                 n_util = 0
                 if self.utility_loss:
-                    n_util = self.utility_batch or len(group) * k
+                    n_util = self.utility_batch or len(group) * k * d
                     pick = torch.randint(0, data.util_x0.shape[0], (n_util,), generator=gen)
                     x0_parts.append(data.util_x0[pick.to(device)])
                     emb_parts.append(data.util_emb[pick.to(device)])
