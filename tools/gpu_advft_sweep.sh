@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 7 on the lent GPU: adversarial fine-tuning settings on the first LIMIT vm items of the shipped
+# miniworld, several configurations as parallel processes, each audited at chosen epochs (Dori 50 steps from
+# the prompt and from N(0, I); heldout utility: A_CLIP on 50 captions, FID/KID on 200).
+# Usage: [LIMIT=16] CONFIGS="name:lr:epochs:eval-epochs(,):finetune-options(_ for spaces) ..." tools/gpu_advft_sweep.sh
+# e.g. CONFIGS="d8-3e-5:3e-5:20:10,20:--noise-draws_8"; results (JSON) come back in $OUT/sweep.tgz
+set -u
+bash tools/gpu_env.sh || exit 1
+R=runs/gpu/advft-sweep; K=${LIMIT:-16}; mkdir -p $R
+W="--model miniworld --set vm --limit $K --device cuda"
+[ -f $R/nemo/nemo.json ] || dori mitigate nemo $W --out $R/nemo --no-progress > $R/nemo.log 2>&1
+# surrogates once (NeMo, 4 per item, checked), shared by every configuration
+[ -f $R/surrogates/surrogates.json ] || { dori finetune adversarial $W --seed 0 --epochs 1 --utility-set unique \
+  --n-utility 100 --surrogate-mitigation nemo:$R/nemo --surrogates-per-item 4 --out $R/surr-run --no-progress \
+  > $R/surr.log 2>&1; cp -r $R/surr-run/surrogates $R/surrogates; }
+one() {  # name lr epochs evals args
+  local n=$1 lr=$2 e=$3 evals=${4//,/ } args=$5
+  dori finetune adversarial $W --seed 0 --utility-set unique --n-utility 2000 --epochs $e --lr $lr \
+    --steps-per-embedding 3 --dori-steps 50 --surrogates $R/surrogates $args --out $R/$n --no-progress > $R/$n.log 2>&1
+  for ep in $evals; do
+    m=$R/$n/checkpoints/epoch-$(printf %04d $ep)
+    for init in prompt random; do
+      [ -f $R/audit-$n-e$ep-$init.json ] || dori audit --model $m --set vm --limit $K --device cuda --attack dori \
+        --steps 50 --snapshots none --init $init --out $R/audit-$n-e$ep-$init --json $R/audit-$n-e$ep-$init.json \
+        --no-progress > $R/audit-$n-e$ep-$init.log 2>&1
+    done
+    [ -f $R/util-$n-e$ep.json ] || dori audit --model $m --set heldout --limit 50 --device cuda --attack none \
+      --utility-set heldout --n-utility 200 --out $R/util-$n-e$ep --json $R/util-$n-e$ep.json --no-progress > $R/util-$n-e$ep.log 2>&1
+  done
+}
+pids=""
+for c in $CONFIGS; do
+  IFS=: read -r n lr e evals args <<< "$c"
+  ( /usr/bin/time -f "$n %e s" timeout ${CONFIG_S:-520} bash -c "$(declare -f one); R=$R; W='$W'; K=$K; one $n $lr $e $evals '${args//_/ }'" ) 2>&1 | tail -n 1 &
+  pids="$pids $!"
+done
+wait $pids
+[ -f $R/util-base.json ] || dori audit --model miniworld --set heldout --limit 50 --device cuda --attack none \
+  --utility-set heldout --n-utility 200 --out $R/util-base --json $R/util-base.json --no-progress > $R/util-base.log 2>&1
+tar czf $OUT/sweep.tgz $R/*.json $R/*.log $(ls $R/*/losses.jsonl $R/*/finetune.json 2>/dev/null)
+ls $R/*.json
