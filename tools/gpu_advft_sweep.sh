@@ -6,7 +6,7 @@
 # e.g. CONFIGS="d8-3e-5:3e-5:20:10,20:--noise-draws_8"; results (JSON) come back in $OUT/sweep.tgz
 set -u
 bash tools/gpu_env.sh || exit 1
-R=runs/gpu/advft-sweep; K=${LIMIT:-16}; mkdir -p $R
+R=${R:-runs/gpu/advft-sweep}; K=${LIMIT:-16}; mkdir -p $R
 W="--model miniworld --set vm --limit $K --device cuda"
 [ -f $R/nemo/nemo.json ] || dori mitigate nemo $W --out $R/nemo --no-progress > $R/nemo.log 2>&1
 # surrogates once (NeMo, 4 per item, checked), shared by every configuration
