@@ -56,8 +56,11 @@ EXTRA: list[str] = []  # e.g. ["--device", "cuda"]
 NEMO: list[str] = []  # extra `dori mitigate nemo` options
 SURROGATES = ["--surrogates-per-item", "4", "--sample-steps", "50", "--guidance", "7"]
 # adversarial fine-tuning (lr, batches and embeddings per item are chosen on the miniworld: docs/adversarial_ft.md)
-EPOCHS = 5
-ADV = ["--lr", "1e-5", "--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"]
+EPOCHS = 10
+ADV = [
+    *("--lr", "2e-5", "--noise-draws", "8", "--utility-batch", "64"),
+    *("--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"),
+]
 LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant
 CHECK_UTILITY = 100  # Appendix I.7: utility pairs checked for new memorization
 _cli = argparse.ArgumentParser(description="Tables 3 and 5 of Finding Dori on a world (resumable)")

@@ -65,12 +65,13 @@ PRESETS = {
         },
         "eval": [("prompt", 0), ("prompt", 50)],
     },
-    # the unpublished settings (docs/adversarial_ft.md): learning rate x embeddings per item
+    # the unpublished settings (docs/adversarial_ft.md): learning rate x noise draws x utility batch
+    # (utility batch 0 = as many as adversarial samples); tools/gpu_advft_sweep.sh runs the same on a GPU
     "defaults": {
         "variants": {
-            f"lr{lr}-k{k}": ["--lr", lr, "--embeddings-per-item", str(k)]
-            for lr in ("1e-5", "3e-5", "1e-4", "3e-4")
-            for k in (1, 4)
+            f"lr{lr}-d{d}-u{u}": ["--lr", lr, "--noise-draws", str(d), "--utility-batch", str(u)]
+            for lr in ("1e-5", "2e-5", "3e-5", "1e-4")
+            for d, u in ((1, 0), (8, 0), (8, 64), (8, 256))
         },
         "eval": [("prompt", 0), ("prompt", 50), ("random", 50)],
     },

@@ -217,10 +217,18 @@ def test_noise_draws_set_the_update_batch(tiny, monkeypatch):
         return original(self, x0, emb, t, noise)
 
     monkeypatch.setattr(type(tiny), "training_loss", recording)
-    common = dict(epochs=1, steps_per_embedding=1, dori_steps=0, init_schedule="prompt", embeddings_per_item=2)
-    AdversarialFineTuning(**common, noise_draws=3)(tiny, items, surrogates=surr, utility=utility)
-    AdversarialFineTuning(**common, noise_draws=3, utility_batch=5)(tiny, items, surrogates=surr, utility=utility)
-    AdversarialFineTuning(**common)(tiny, items, surrogates=surr, utility=utility)
+    common = dict(
+        epochs=1, steps_per_embedding=1, dori_steps=0, init_schedule="prompt", embeddings_per_item=2
+    )
+    AdversarialFineTuning(**common, noise_draws=3, utility_batch=None)(
+        tiny, items, surrogates=surr, utility=utility
+    )
+    AdversarialFineTuning(**common, noise_draws=3, utility_batch=5)(
+        tiny, items, surrogates=surr, utility=utility
+    )
+    AdversarialFineTuning(**common, noise_draws=1, utility_batch=None)(
+        tiny, items, surrogates=surr, utility=utility
+    )
     # 2 embeddings x 3 draws adversarial samples, then as many utility pairs (or utility_batch)
     assert sizes == [(12, 12, 12), (11, 11, 11), (4, 4, 4)]
     with pytest.raises(DoriError, match="noise_draws"):

@@ -57,11 +57,14 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--noise-draws",
         type=int,
-        default=1,
-        help="(surrogate, noise, t) draws per adversarial embedding per update",
+        default=None,
+        help="(surrogate, noise, t) draws per adversarial embedding per update (default 8; 1 = Algorithm 2 literally)",
     )
     g.add_argument(
-        "--utility-batch", type=int, default=None, help="utility pairs per update (default: = adversarial)"
+        "--utility-batch",
+        type=int,
+        default=None,
+        help="utility pairs per update (default 64; 0 = as many as adversarial samples, App. I.1)",
     )
     g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per search (0: the init itself)")
     g.add_argument("--dori-lr", type=float, default=0.1)
@@ -219,16 +222,17 @@ def _adversarial(args, model, items, out: Path) -> dict:
 
     surr = None if args.no_mitigation_loss else _surrogates(args, model, items, out)
     utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
+    defaults = AdversarialFineTuning()
     ft = AdversarialFineTuning(
         epochs=args.epochs,
         steps_per_embedding=args.steps_per_embedding,
-        lr=args.lr or 1e-5,
+        lr=args.lr or defaults.lr,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
         embeddings_per_item=args.embeddings_per_item,
-        noise_draws=args.noise_draws,
-        utility_batch=args.utility_batch,
+        noise_draws=args.noise_draws or defaults.noise_draws,
+        utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,
         dori_batch=args.dori_batch,

@@ -68,9 +68,10 @@ class AdversarialFineTuning:
         items_per_step: memorized items in one update (1 = Algorithm 2).
         embeddings_per_item: adversarial embeddings searched per item and epoch; each pairs with its own
             surrogate draw in every update of that item.
-        noise_draws: (surrogate, noise, t) draws per adversarial embedding in each update (1 = Algorithm 2;
-            more lowers the variance of L_adv's gradient at the same learning rate).
-        utility_batch: non-memorized pairs per update (None: as many as adversarial samples, App. I.1).
+        noise_draws: (surrogate, noise, t) draws per adversarial embedding in each update (1 = Algorithm 2
+            read literally; the default 8 lowers the variance of L_adv's gradient, docs/adversarial_ft.md).
+        utility_batch: non-memorized pairs per update (None: as many as adversarial samples, App. I.1; the
+            default 64 keeps utility on the miniworld, docs/adversarial_ft.md).
         dori_steps: Dori steps per search (paper 50; Tables 14-15: 25, 50, 100; 0 = the init itself).
         dori_lr: Dori's Adam learning rate (paper 0.1).
         dori_batch: Dori's (noise, t) draws per step (paper 8).
@@ -89,13 +90,13 @@ class AdversarialFineTuning:
 
     epochs: int = 5
     steps_per_embedding: int = 3
-    lr: float = 1e-5
+    lr: float = 2e-5
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
     items_per_step: int = 1
     embeddings_per_item: int = 1
-    noise_draws: int = 1
-    utility_batch: int | None = None
+    noise_draws: int = 8
+    utility_batch: int | None = 64
     dori_steps: int = 50
     dori_lr: float = 0.1
     dori_batch: int = 8
