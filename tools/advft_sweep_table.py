@@ -47,7 +47,9 @@ def main() -> None:
     rows.sort(key=lambda r: (r["config"], r["epoch"]))
     base_s = f"unmitigated: A_CLIP {base['a_clip']['median']:.3f}, FID {base['fid']:.2f}"
     print(base_s)
-    print("| config | epoch | MR Dori prompt / random | SSCD_orig prompt / random | A_CLIP (Δ) | FID (ratio) | meets |")
+    print(
+        "| config | epoch | MR Dori prompt / random | SSCD_orig prompt / random | A_CLIP (Δ) | FID (ratio) | meets |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

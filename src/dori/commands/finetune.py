@@ -231,7 +231,7 @@ def _adversarial(args, model, items, out: Path) -> dict:
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
         embeddings_per_item=args.embeddings_per_item,
-        noise_draws=args.noise_draws or defaults.noise_draws,
+        noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
         utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,
