@@ -57,8 +57,9 @@ NEMO: list[str] = []  # extra `dori mitigate nemo` options
 SURROGATES = ["--surrogates-per-item", "4", "--sample-steps", "50", "--guidance", "7"]
 # adversarial fine-tuning (lr, batches and embeddings per item are chosen on the miniworld: docs/adversarial_ft.md)
 EPOCHS = 10
+LR = "2e-5"
 ADV = [
-    *("--lr", "2e-5", "--noise-draws", "8", "--utility-batch", "64"),
+    *("--noise-draws", "8", "--utility-batch", "64"),
     *("--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"),
 ]
 LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant
@@ -80,7 +81,7 @@ _cli.add_argument(
     help="comma list of fit stages to run, then stop (nemo, advft, advft-lora, esd, ca, siss): lets "
     "independent stages run as parallel processes; a final call without it runs the rest and the audit",
 )
-_cli.add_argument("--lr", default=None, help="adversarial fine-tuning learning rate (default: ADV's)")
+_cli.add_argument("--lr", default=LR, help=f"adversarial fine-tuning learning rate (default {LR})")
 _cli.add_argument(
     "--variants",
     default="advft,advft-lora",
@@ -106,8 +107,7 @@ BASELINES = [b for b in ("esd", "ca", "siss") if b in _opts.baselines.split(",")
 VARIANTS = [v for v in ("advft", "advft-lora") if v in _opts.variants.split(",")]
 if "advft-lora" in VARIANTS and "advft" not in VARIANTS:
     _cli.error("--variants advft-lora needs advft (it reuses advft's surrogates)")
-if _opts.lr:
-    ADV = [*ADV[: ADV.index("--lr")], "--lr", _opts.lr, *ADV[ADV.index("--lr") + 2 :]]
+LR = _opts.lr
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
 SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
 # audit
@@ -177,7 +177,7 @@ train = [
     str(N_UTILITY_TRAIN),
     "--epochs",
     str(EPOCHS),
-    *ADV,
+    *("--lr", LR, *ADV),
 ]
 timed("nemo", nemo / "nemo.json", "mitigate", "nemo", *where, *NEMO, "--out", str(nemo))  # NeMo's own seed
 timed(
