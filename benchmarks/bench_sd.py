@@ -535,13 +535,77 @@ def run_sdpa(b: Bench, model: T2IModel, fp: FastPath, backends: list[str]) -> No
         set_sdpa_backend(fp.sdpa_backend)
 
 
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "sm80_")),
+    ("normalization", ("norm", "welford")),
+    ("layout/copy", ("copy", "transpose", "nchw", "nhwc", "cat", "memcpy", "memset", "fill")),
+    ("fused (triton)", ("triton",)),
+    ("elementwise/reduction", ("elementwise", "vectorized", "reduce", "unrolled", "activation")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def run_profile(b: Bench, model: T2IModel, label: str) -> None:
+    """CUDA kernel time of a few Dori and sampling steps by kind (attention, GEMM, convolution, ...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    chosen, dev = b.data["chosen"], b.device
+    k, bs = chosen["dori_items"], chosen["gen_batch"]
+    works = {
+        "dori": dori_work(model, Dori(steps=3, batch_size=8, max_micro_batch=k * 8), k),
+        "gen10": gen_work(model, max(1, bs // 10), 10, SamplingConfig(3, 7.0, bs, 8)),
+    }
+    out = b.data.setdefault("profile", {})
+    for what, work in works.items():
+        work()  # warm
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            work()
+            sync(dev)
+        per_kernel: dict[str, float] = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if t > 0:
+                per_kernel[ev.key] = per_kernel.get(ev.key, 0.0) + t / 1e6
+        total = sum(per_kernel.values()) or 1.0
+        kinds: dict[str, float] = {}
+        for name, t in per_kernel.items():
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+        out[f"{what}/{label}"] = {
+            "kernel_s": total,
+            "share_by_kind": {kk: v / total for kk, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:160], "s": t, "share": t / total} for n, t in top],
+        }
+        b.save()
+        shares = ", ".join(f"{kk} {v:.0%}" for kk, v in out[f"{what}/{label}"]["share_by_kind"].items())
+        b.log(f"profile {what} ({label}): kernel time {total:.3f} s; {shares}")
+
+
 def run_compiled(b: Bench, model: T2IModel, fp: FastPath) -> None:
     """torch.compile of the UNet: one-off compile time and steady state, for the Dori and sampling loops."""
     a, dev = b.args, b.device
     chosen = b.data["chosen"]
     k, bs = chosen["dori_items"], chosen["gen_batch"]
-    fp.compile_unet(model)
-    comp: dict = {}
+    if a.compile_sdpa == "best":  # the fastest Dori loop of the --sdpa ablation
+        rows = [r for r in b.data["ablations"] if r["what"] == "dori_sdpa"]
+        a.compile_sdpa = min(rows, key=lambda r: r["per_item_per_step_s"])["value"] if rows else "default"
+    if a.compile_sdpa:
+        fp.sdpa_backend = None if a.compile_sdpa == "default" else a.compile_sdpa
+        from dori.fast import set_sdpa_backend
+
+        set_sdpa_backend(fp.sdpa_backend)
+    fp.compile_unet(model, mode=a.compile_mode)
+    comp: dict = {"sdpa_backend": a.compile_sdpa or "default", "mode": a.compile_mode or "default"}
     dori = Dori(steps=a.steps, batch_size=8, max_micro_batch=k * 8)
     t0 = time.time()
     dori_work(model, Dori(steps=1, batch_size=8, max_micro_batch=k * 8), k)()
@@ -652,6 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate-gen-batch", type=int, nargs="*", default=[10, 20, 40, 80])
     p.add_argument("--sdpa", nargs="*", default=[], help="SDPA backends to compare (default, flash, ...)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
+    p.add_argument(
+        "--compile-sdpa",
+        default=None,
+        help="SDPA backend while compiled (default, flash, ..., best: fastest Dori of --sdpa)",
+    )
+    p.add_argument("--profile", action="store_true", help="CUDA kernel time by kind, eager and compiled")
     p.add_argument("--time-budget", type=float, default=1e9, help="skip optional sections after this many s")
     p.add_argument("--peak-size", type=int, default=0, help="matmul size of the peak (0: 8192 GPU, 2048 CPU)")
     p.add_argument("--audit-sizes", type=int, nargs="*", default=[500, 112])
@@ -711,14 +782,17 @@ def main(argv: list[str] | None = None) -> int:
     # optional sections, cheapest and safest first; each is skipped once the time budget is spent
     if args.ablations and b.elapsed() < args.time_budget:
         b.guard("ablations", lambda: run_ablations(b, model, fp))
+    if args.profile and cuda:
+        b.guard("profile", lambda: run_profile(b, model, "eager"))
+    if args.sdpa and cuda and b.elapsed() < args.time_budget:
+        b.guard("sdpa", lambda: run_sdpa(b, model, fp, args.sdpa))
     if args.compile and cuda and b.elapsed() < args.time_budget:
         b.guard("compile", lambda: run_compiled(b, model, fp))
         projections(b)
         check_targets(b)
         b.save()
-    if args.sdpa and cuda and b.elapsed() < args.time_budget + 120:
-        model.unet._compiled_call_impl = None  # eager again: the backends are chosen at run time
-        b.guard("sdpa", lambda: run_sdpa(b, model, fp, args.sdpa))
+        if args.profile:
+            b.guard("profile", lambda: run_profile(b, model, "compiled"))
     b.data["wall_s"] = b.elapsed()
     b.save()
     print_table(b)

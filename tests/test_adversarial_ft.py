@@ -233,3 +233,18 @@ def test_noise_draws_set_the_update_batch(tiny, monkeypatch):
     assert sizes == [(12, 12, 12), (11, 11, 11), (4, 4, 4)]
     with pytest.raises(DoriError, match="noise_draws"):
         AdversarialFineTuning(noise_draws=0)
+
+
+def test_utility_weight_scales_the_utility_gradient(tiny):
+    items, utility = _items(1, 2, "m"), _items(4, 4, "u")
+    norms = {}
+    for w in (1.0, 3.0):
+        logs = []
+        AdversarialFineTuning(
+            epochs=1, steps_per_embedding=1, mitigation_loss=False, grad_clip=None, utility_weight=w
+        )(tiny, items, utility=utility, log=logs.append)
+        norms[w] = next(r["grad_norm"] for r in logs if r["kind"] == "step")
+    # same draws, the first update's gradient is lambda * grad L_DM
+    assert norms[3.0] == pytest.approx(3.0 * norms[1.0], rel=1e-4)
+    with pytest.raises(DoriError, match="utility_weight"):
+        AdversarialFineTuning(utility_weight=0.0)

@@ -141,9 +141,9 @@ class FastPath:
         self._probes.clear()
         return model
 
-    def compile_unet(self, model: T2IModel) -> None:
+    def compile_unet(self, model: T2IModel, mode: str | None = None) -> None:
         """``torch.compile`` the UNet in place (module names and hooks keep working)."""
-        model.unet.compile()
+        model.unet.compile(mode=mode)
 
     def prepare(
         self,

@@ -78,6 +78,7 @@ class AdversarialFineTuning:
         init_schedule: ``alternate`` (prompt init on odd epochs, random on even: Algorithm 2), ``prompt``
             (Table 14) or ``random`` (Table 15).
         utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
+        utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1).
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
@@ -102,6 +103,7 @@ class AdversarialFineTuning:
     dori_batch: int = 8
     init_schedule: str = "alternate"
     utility_loss: bool = True
+    utility_weight: float = 1.0
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
@@ -129,6 +131,8 @@ class AdversarialFineTuning:
             )
         if self.dori_steps < 0:
             raise DoriError("dori_steps must be >= 0")
+        if not self.utility_weight > 0:
+            raise DoriError(f"utility_weight must be > 0, got {self.utility_weight}")
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
@@ -314,7 +318,7 @@ class AdversarialFineTuning:
                     per = ft.training_loss(x0, emb, t, noise).float()
                 l_adv = per[:n_adv].mean() if n_adv else per.new_zeros(())
                 l_util = per[n_adv:].mean() if n_util else per.new_zeros(())
-                (l_adv + l_util).backward()
+                (l_adv + self.utility_weight * l_util).backward()
                 clip = self.grad_clip if self.grad_clip is not None else float("inf")
                 gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
                 opt.step()
