@@ -292,3 +292,16 @@ def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):
         {k: r[k] for k in keys} for r in result["rows"]
     ]
     assert fast["provenance"]["dtype"] == "torch.float32"
+
+
+def test_skip_windows_the_set_and_refuses_an_empty_one():
+    from dori.commands.audit import _window
+
+    items = list(range(10))
+    assert _window(items, 0, None) == items
+    assert _window(items, 3, 4) == [3, 4, 5, 6]
+    assert _window(items, 8, 5) == [8, 9]
+    with pytest.raises(DoriError, match="no items left"):
+        _window(items, 10, None)
+    with pytest.raises(DoriError, match=">= 0"):
+        _window(items, -1, None)

@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     g.add_argument("--images", default=None, help="folder of SD training images named by LAION index")
     g.add_argument("--fetch", action="store_true", help="download missing SD training images (cached)")
     g.add_argument("--limit", type=int, default=None, help="only the first K items of the set")
+    g.add_argument("--skip", type=int, default=0, help="leave out the first K items of the set (before --limit)")
     g = p.add_argument_group("model state and attack")
     g.add_argument("--mitigation", default="none", help="none, nemo:DIR or wanda:DIR (a fitted mitigation)")
     g.add_argument("--attack", default="none", choices=["none", "dori", "unlearndiffatk"])
@@ -46,6 +47,9 @@ def add_parser(sub) -> None:
     add_fast_args(p)
     g.add_argument("--utility-set", default=None, help="prompt set for FID/KID (heldout, coco, a file)")
     g.add_argument("--n-utility", type=int, default=None, help="first K prompts of the utility set")
+    g.add_argument(
+        "--utility-skip", type=int, default=0, help="leave out the first K utility prompts (a disjoint check set)"
+    )
     g.add_argument("--reference-images", default=None, help="folder of FID/KID reference images")
     g = p.add_argument_group("feature models (default: the miniworld's stand-ins)")
     g.add_argument("--sscd", default=None, help="sscd_disc_mixup.torchscript.pt")
@@ -76,6 +80,16 @@ def _init(spec: str, model, n: int) -> tuple[str, list[str] | None]:
     raise DoriError(f"unknown --init {spec!r}: use prompt, random or prompt-of:SET")
 
 
+def _window(items: list, skip: int, limit: int | None) -> list:
+    """items[skip : skip + limit], refusing a window that leaves nothing."""
+    if skip < 0:
+        raise DoriError(f"--skip / --utility-skip must be >= 0, got {skip}")
+    out = items[skip : skip + limit] if limit else items[skip:]
+    if not out:
+        raise DoriError(f"no items left: the set has {len(items)}, skipping {skip}")
+    return out
+
+
 def _utility(args, model):
     if args.utility_set is None:
         return None
@@ -83,7 +97,7 @@ def _utility(args, model):
     from dori.data.images import EXTENSIONS
     from dori.data.sets import load_image_file, load_set
 
-    items = load_set(args.utility_set, model, limit=args.n_utility)
+    items = _window(load_set(args.utility_set, model), args.utility_skip, args.n_utility)
     if args.reference_images:
         folder = Path(args.reference_images)
         if not folder.is_dir():
@@ -121,7 +135,7 @@ def run(args) -> int:
 
     snapshots = _snapshots(args.snapshots)
     model = load_model_from_args(args)
-    items = load_set(args.set, model, images_dir=args.images, fetch=args.fetch, limit=args.limit)
+    items = _window(load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit)
     init, other = _init(args.init, model, len(items))
     backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
     config = EvalConfig(
