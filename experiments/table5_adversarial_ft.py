@@ -57,9 +57,9 @@ NEMO: list[str] = []  # extra `dori mitigate nemo` options
 SURROGATES = ["--surrogates-per-item", "4", "--sample-steps", "50", "--guidance", "7"]
 # adversarial fine-tuning (lr, batches and embeddings per item are chosen on the miniworld: docs/adversarial_ft.md)
 EPOCHS = 10
-LR = "2e-5"
+LR = "3e-5"
 ADV = [
-    *("--noise-draws", "8", "--utility-batch", "64"),
+    *("--noise-draws", "8", "--utility-batch", "64", "--utility-weight", "10"),
     *("--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"),
 ]
 LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant

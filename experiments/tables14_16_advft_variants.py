@@ -65,13 +65,17 @@ PRESETS = {
         },
         "eval": [("prompt", 0), ("prompt", 50)],
     },
-    # the unpublished settings (docs/adversarial_ft.md): learning rate x noise draws x utility batch
-    # (utility batch 0 = as many as adversarial samples); tools/gpu_advft_sweep.sh runs the same on a GPU
+    # the unpublished settings (docs/adversarial_ft.md): learning rate x noise draws x utility batch x
+    # utility weight (utility batch 0 = as many as adversarial samples); tools/gpu_advft_sweep.sh runs the
+    # same on a GPU
     "defaults": {
         "variants": {
-            f"lr{lr}-d{d}-u{u}": ["--lr", lr, "--noise-draws", str(d), "--utility-batch", str(u)]
-            for lr in ("1e-5", "2e-5", "3e-5", "1e-4")
-            for d, u in ((1, 0), (8, 0), (8, 64), (8, 256))
+            f"lr{lr}-d{d}-u{u}-w{w}": [
+                *("--lr", lr, "--noise-draws", str(d), "--utility-batch", str(u), "--utility-weight", str(w))
+            ]
+            for lr in ("1e-5", "2e-5", "3e-5", "4e-5")
+            for d, u in ((1, 0), (8, 64))
+            for w in (1, 3, 10)
         },
         "eval": [("prompt", 0), ("prompt", 50), ("random", 50)],
     },

@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
     g.add_argument("--images", default=None, help="folder of SD training images named by LAION index")
     g.add_argument("--fetch", action="store_true", help="download missing SD training images (cached)")
     g.add_argument("--limit", type=int, default=None, help="only the first K items of the set")
-    g.add_argument("--skip", type=int, default=0, help="leave out the first K items of the set (before --limit)")
+    g.add_argument(
+        "--skip", type=int, default=0, help="leave out the first K items of the set (before --limit)"
+    )
     g = p.add_argument_group("model state and attack")
     g.add_argument("--mitigation", default="none", help="none, nemo:DIR or wanda:DIR (a fitted mitigation)")
     g.add_argument("--attack", default="none", choices=["none", "dori", "unlearndiffatk"])
@@ -48,7 +50,10 @@ def add_parser(sub) -> None:
     g.add_argument("--utility-set", default=None, help="prompt set for FID/KID (heldout, coco, a file)")
     g.add_argument("--n-utility", type=int, default=None, help="first K prompts of the utility set")
     g.add_argument(
-        "--utility-skip", type=int, default=0, help="leave out the first K utility prompts (a disjoint check set)"
+        "--utility-skip",
+        type=int,
+        default=0,
+        help="leave out the first K utility prompts (a disjoint check set)",
     )
     g.add_argument("--reference-images", default=None, help="folder of FID/KID reference images")
     g = p.add_argument_group("feature models (default: the miniworld's stand-ins)")
@@ -135,7 +140,9 @@ def run(args) -> int:
 
     snapshots = _snapshots(args.snapshots)
     model = load_model_from_args(args)
-    items = _window(load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit)
+    items = _window(
+        load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit
+    )
     init, other = _init(args.init, model, len(items))
     backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
     config = EvalConfig(

@@ -67,7 +67,10 @@ def add_parser(sub) -> None:
         help="utility pairs per update (default 64; 0 = as many as adversarial samples, App. I.1)",
     )
     g.add_argument(
-        "--utility-weight", type=float, default=1.0, help="lambda in L_adv + lambda * L_DM (Algorithm 2: 1)"
+        "--utility-weight",
+        type=float,
+        default=None,
+        help="lambda in L_adv + lambda * L_DM (default 10; 1 = Algorithm 2's plain sum)",
     )
     g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per search (0: the init itself)")
     g.add_argument("--dori-lr", type=float, default=0.1)
@@ -241,7 +244,7 @@ def _adversarial(args, model, items, out: Path) -> dict:
         dori_batch=args.dori_batch,
         init_schedule=args.init_schedule,
         utility_loss=not args.no_utility_loss,
-        utility_weight=args.utility_weight,
+        utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,

@@ -78,7 +78,8 @@ class AdversarialFineTuning:
         init_schedule: ``alternate`` (prompt init on odd epochs, random on even: Algorithm 2), ``prompt``
             (Table 14) or ``random`` (Table 15).
         utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
-        utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1).
+        utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1; the default 10 keeps
+            utility on all 40 miniworld items, docs/adversarial_ft.md).
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
@@ -91,7 +92,7 @@ class AdversarialFineTuning:
 
     epochs: int = 5
     steps_per_embedding: int = 3
-    lr: float = 2e-5
+    lr: float = 3e-5
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
     items_per_step: int = 1
@@ -103,7 +104,7 @@ class AdversarialFineTuning:
     dori_batch: int = 8
     init_schedule: str = "alternate"
     utility_loss: bool = True
-    utility_weight: float = 1.0
+    utility_weight: float = 10.0
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
