@@ -521,6 +521,7 @@ def run_sdpa(b: Bench, model: T2IModel, fp: FastPath, backends: list[str]) -> No
     try:
         # the works encode their prompts now, with every backend on (the float32 text encoder needs one)
         works = (("dori_sdpa", dori_work(model, d, k), k), ("gen_sdpa", gen_work(model, bs, 1, cfg), bs))
+        model.null_embedding()  # cached now: the sampler would otherwise encode "" under the one backend
         for name in backends:
             set_sdpa_backend(None if name == "default" else name)
             for what, work, per in works:
