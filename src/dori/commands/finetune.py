@@ -226,8 +226,6 @@ def _adversarial(args, model, items, out: Path) -> dict:
     from dori.data.sets import load_set
     from dori.mitigations.adversarial_ft import AdversarialFineTuning
 
-    surr = None if args.no_mitigation_loss else _surrogates(args, model, items, out)
-    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
     defaults = AdversarialFineTuning()
     ft = AdversarialFineTuning(
         epochs=args.epochs,
@@ -250,7 +248,9 @@ def _adversarial(args, model, items, out: Path) -> dict:
         lora_convs=args.lora_convs,
         seed=args.seed,
         autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
-    )
+    )  # settings are checked here, before minutes of surrogate generation
+    surr = None if args.no_mitigation_loss else _surrogates(args, model, items, out)
+    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
     tuned = ft(model, items, out, surrogates=surr, utility=utility, log=_log(args))
     result = {"settings": ft.settings(), "skipped": {} if surr is None else surr.failed}
     if args.check_utility > 0 and utility:
