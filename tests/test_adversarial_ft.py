@@ -248,3 +248,36 @@ def test_utility_weight_scales_the_utility_gradient(tiny):
     assert norms[3.0] == pytest.approx(3.0 * norms[1.0], rel=1e-4)
     with pytest.raises(DoriError, match="utility_weight"):
         AdversarialFineTuning(utility_weight=0.0)
+
+
+def test_stop_mr_ends_at_the_first_epoch_whose_dori_no_longer_replicates(tiny, tmp_path):
+    items, utility = _items(2, 7, "m"), _items(4, 8, "u")
+    surr = _surrogates(items)
+    common = dict(steps_per_embedding=1, dori_steps=2, utility_batch=2, noise_draws=1, stop_generations=2)
+    never = lambda gen, ref: torch.zeros(gen.shape[0])  # noqa: E731  (no generation is a replica)
+    always = lambda gen, ref: torch.ones(gen.shape[0])  # noqa: E731
+    kw = dict(surrogates=surr, utility=utility, sampling=_fast())
+
+    logs = []
+    stopped = AdversarialFineTuning(epochs=3, stop_mr=0.0, **common)(
+        tiny, items, tmp_path / "stop", log=logs.append, similarity=never, threshold=0.5, **kw
+    )
+    checks = [r for r in logs if r["kind"] == "check"]
+    assert [(r["epoch"], r["mr"]) for r in checks] == [(2, 0.0)]
+    assert [r["epoch"] for r in logs if r["kind"] == "epoch"] == [1]
+    record = json.loads((tmp_path / "stop" / "finetune.json").read_text())
+    assert record["epochs_done"] == 1 and record["stopped_early"] is True
+    # the model kept is the one after epoch 1: the same weights as a one-epoch run
+    one = AdversarialFineTuning(epochs=1, **common)(tiny, items, **kw)
+    assert not changed_parameters(one.unet, stopped.unet)
+
+    logs = []
+    AdversarialFineTuning(epochs=3, stop_mr=0.0, **common)(
+        tiny, items, log=logs.append, similarity=always, threshold=0.5, **kw
+    )
+    assert [(r["epoch"], r["mr"]) for r in logs if r["kind"] == "check"] == [(2, 1.0), (3, 1.0)]
+    assert [r["epoch"] for r in logs if r["kind"] == "epoch"] == [1, 2, 3]
+    with pytest.raises(DoriError, match="similarity"):
+        AdversarialFineTuning(epochs=2, stop_mr=0.1, **common)(tiny, items, **kw)
+    with pytest.raises(DoriError, match="stop_mr"):
+        AdversarialFineTuning(stop_mr=1.0)

@@ -82,6 +82,13 @@ def add_parser(sub) -> None:
     g.add_argument("--lora-rank", type=int, default=128)
     g.add_argument("--lora-convs", action="store_true", help="LoRA on convolutions too")
     g.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast (GPU)")
+    g.add_argument(
+        "--stop-mr",
+        type=float,
+        default=None,
+        help="stop once the epoch's own Dori embeddings replicate at most this share of items (default: off)",
+    )
+    g.add_argument("--stop-generations", type=int, default=4, help="generations per item for --stop-mr")
     g.add_argument("--check-utility", type=int, default=0, help="App. I.7 check on the first K utility pairs")
     g = p.add_argument_group("esd / ca / siss")
     g.add_argument("--iterations", type=int, default=None, help="ESD iterations / CA / SISS steps")
@@ -98,7 +105,7 @@ def add_parser(sub) -> None:
 
 def _log(args):
     def emit(record: dict) -> None:
-        if args.progress and record.get("kind") in ("start", "epoch"):
+        if args.progress and record.get("kind") in ("start", "epoch", "check"):
             print(json.dumps(record), file=sys.stderr)
 
     return emit
@@ -246,12 +253,25 @@ def _adversarial(args, model, items, out: Path) -> dict:
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,
+        stop_mr=args.stop_mr,
+        stop_generations=args.stop_generations,
         seed=args.seed,
         autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
     )  # settings are checked here, before minutes of surrogate generation
     surr = None if args.no_mitigation_loss else _surrogates(args, model, items, out)
     utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
-    tuned = ft(model, items, out, surrogates=surr, utility=utility, log=_log(args))
+    check = {}
+    if args.stop_mr is not None:
+        from dori.mitigations.surrogates import embedder_similarity
+        from dori.models.pipeline import SamplingConfig
+
+        backends = _backends(args, model)
+        check = dict(
+            similarity=embedder_similarity(backends.copy_detector),
+            threshold=backends.threshold,
+            sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance),
+        )
+    tuned = ft(model, items, out, surrogates=surr, utility=utility, log=_log(args), **check)
     result = {"settings": ft.settings(), "skipped": {} if surr is None else surr.failed}
     if args.check_utility > 0 and utility:
         result["utility_memorization"] = _check_utility(

@@ -48,9 +48,9 @@ from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.mitigations import lora as lora_mod
 from dori.mitigations.checkpoints import LossLog, check_config, resume, save_checkpoint
-from dori.mitigations.surrogates import SurrogateSet
+from dori.mitigations.surrogates import Similarity, SurrogateSet
 from dori.mitigations.training import encode_in_batches, finish, item_images, save_finetuned, trainable_copy
-from dori.models.pipeline import T2IModel
+from dori.models.pipeline import SamplingConfig, T2IModel
 
 INIT_SCHEDULES = ("alternate", "prompt", "random")
 
@@ -83,6 +83,11 @@ class AdversarialFineTuning:
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
+        stop_mr: stop early once the epoch's own Dori embeddings replicate at most this share of the items
+            (checked from epoch 2 on, after the epoch's search and before its updates, with
+            ``stop_generations`` images per item; the model kept is the one after the previous epoch). None:
+            always run ``epochs`` epochs (Algorithm 2).
+        stop_generations: generations per item for that check (seeds 0..n-1).
         seed: seeds every random draw of the run (item order, surrogate and utility draws, noise, t, Dori).
         autocast_dtype: optional autocast dtype for forward passes (torch.bfloat16 on GPU).
         max_micro_batch: Dori's micro-batch bound (memory).
@@ -108,6 +113,8 @@ class AdversarialFineTuning:
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
+    stop_mr: float | None = None
+    stop_generations: int = 4
     seed: int = 0
     autocast_dtype: torch.dtype | None = None
     max_micro_batch: int = 256
@@ -132,6 +139,8 @@ class AdversarialFineTuning:
             )
         if self.dori_steps < 0:
             raise DoriError("dori_steps must be >= 0")
+        if self.stop_mr is not None and not (0 <= self.stop_mr < 1 and self.stop_generations >= 1):
+            raise DoriError("stop_mr must be in [0, 1) and stop_generations >= 1")
         if not self.utility_weight > 0:
             raise DoriError(f"utility_weight must be > 0, got {self.utility_weight}")
 
@@ -156,6 +165,9 @@ class AdversarialFineTuning:
         surrogates: SurrogateSet | None = None,
         utility: Sequence[Item] = (),
         log: Callable[[dict], None] | None = None,
+        similarity: Similarity | None = None,
+        threshold: float | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> T2IModel:
         """Fine-tune a copy of ``model`` so that Dori can no longer bring the items back.
 
@@ -166,11 +178,16 @@ class AdversarialFineTuning:
             out: run folder for checkpoints, the loss log and the final model (None: keep nothing on disk).
             surrogates: surrogate images per item (not needed with ``mitigation_loss=False``).
             utility: non-memorized image-caption pairs for L_DM (the miniworld's ``unique`` set).
-            log: optional callable receiving every log record (dicts with ``kind`` "step" or "epoch").
+            log: optional callable receiving every log record (dicts with ``kind`` "step", "epoch" or, with
+                ``stop_mr``, "check").
+            similarity, threshold: copy-detector similarity and replication threshold for ``stop_mr``.
+            sampling: sampling settings of that check (default: DDIM 50, guidance 7).
 
         Returns:
             The fine-tuned model (a copy), in eval mode.
         """
+        if self.stop_mr is not None and (similarity is None or threshold is None):
+            raise DoriError("stop_mr needs a copy-detector similarity and its replication threshold")
         surrogates = surrogates if surrogates is not None else SurrogateSet()
         skipped: dict[str, str] = {}
         usable = []
@@ -208,16 +225,24 @@ class AdversarialFineTuning:
         start = 1
         if out is not None:
             out = Path(out)
-            binding = dict(record, settings={k: v for k, v in record["settings"].items() if k != "epochs"})
+            free = ("epochs", "stop_mr", "stop_generations")  # a run may be continued with other values
+            binding = dict(record, settings={k: v for k, v in record["settings"].items() if k not in free})
             check_config(out, binding)
             start = resume(out, ft, opt, gen)
         emit = LossLog(out, start, log)
         if start == 1:
             emit({"kind": "start", "items": len(usable), "skipped": skipped, "utility": len(utility)})
 
+        done = self.epochs
         for epoch in range(start, self.epochs + 1):
             t0 = time.perf_counter()
             y_adv, dori_loss = self._search(ft, data, epoch, gen)
+            if self.stop_mr is not None and epoch > 1 and y_adv is not None:
+                mr = self._replication(ft, usable, y_adv, similarity, threshold, sampling)
+                emit({"kind": "check", "epoch": epoch, "init": self.init_for_epoch(epoch), "mr": mr})
+                if mr <= self.stop_mr:
+                    done = epoch - 1  # the model after the previous epoch resists this epoch's Dori
+                    break
             t1 = time.perf_counter()
             sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit)
             t2 = time.perf_counter()
@@ -240,7 +265,7 @@ class AdversarialFineTuning:
             lora_mod.merge_lora(ft.unet)
         finish(ft)
         if out is not None:
-            save_finetuned(ft, out, dict(record, epochs_done=self.epochs))
+            save_finetuned(ft, out, dict(record, epochs_done=done, stopped_early=done < self.epochs))
         return ft
 
     # ------------------------------------------------------------------ parts
@@ -271,6 +296,28 @@ class AdversarialFineTuning:
         finally:
             ft.unet.train(was_training)
         return res.embeddings, float(res.losses[:, -1].mean())
+
+    def _replication(
+        self,
+        ft: T2IModel,
+        items: Sequence[Item],
+        y_adv: torch.Tensor,
+        similarity: Similarity,
+        threshold: float,
+        sampling: SamplingConfig | None,
+    ) -> float:
+        """Share of items whose first adversarial embedding of this epoch still generates a replica."""
+        k, g = self.embeddings_per_item, self.stop_generations
+        emb = y_adv[::k].repeat_interleave(g, dim=0)
+        was_training = ft.unet.training
+        ft.unet.eval()
+        try:
+            images = ft.sample(emb, list(range(g)) * len(items), sampling)
+        finally:
+            ft.unet.train(was_training)
+        refs = torch.stack([it.image for it in items]).repeat_interleave(g, dim=0)
+        best = similarity(images, refs).float().view(len(items), g).amax(dim=1)
+        return float((best >= threshold).float().mean())
 
     def _epoch_updates(
         self,
