@@ -117,6 +117,14 @@ def _backends(args, model):
     return load_backends(model, sscd=args.sscd)
 
 
+def _replica_check(args, model):
+    """The copy detector's similarity and its replication threshold (the SSCD role)."""
+    from dori.mitigations.surrogates import embedder_similarity
+
+    backends = _backends(args, model)
+    return embedder_similarity(backends.copy_detector), backends.threshold
+
+
 def _surrogates(args, model, items, out: Path):
     """Load or make the surrogate set (saved to OUT/surrogates, reused when the command runs again)."""
     from dori.mitigations.surrogates import embedder_similarity, generate_surrogates, load_surrogates
@@ -203,15 +211,20 @@ def run(args) -> int:
         summary["settings"] = esd.settings()
     elif args.method == "ca":
         from dori.mitigations.concept_ablation import ConceptAblation
-        from dori.mitigations.surrogates import embedder_similarity
 
-        backends = _backends(args, model)
+        similarity, threshold = _replica_check(args, model)
         ca = ConceptAblation(
             steps=args.iterations or 400, lr=args.lr or 5e-7, parameters=args.parameters or "full-weight",
             anchor_images=args.anchor_images, seed=args.seed,
         )  # fmt: skip
-        ca(model, items, out, anchors=_anchors(args, model, items),
-           similarity=embedder_similarity(backends.copy_detector), threshold=backends.threshold)  # fmt: skip
+        ca(
+            model,
+            items,
+            out,
+            anchors=_anchors(args, model, items),
+            similarity=similarity,
+            threshold=threshold,
+        )
         summary["settings"] = ca.settings()
     else:
         from dori.mitigations.siss import SISS
@@ -262,13 +275,12 @@ def _adversarial(args, model, items, out: Path) -> dict:
     utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
     check = {}
     if args.stop_mr is not None:
-        from dori.mitigations.surrogates import embedder_similarity
         from dori.models.pipeline import SamplingConfig
 
-        backends = _backends(args, model)
+        similarity, threshold = _replica_check(args, model)
         check = dict(
-            similarity=embedder_similarity(backends.copy_detector),
-            threshold=backends.threshold,
+            similarity=similarity,
+            threshold=threshold,
             sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance),
         )
     tuned = ft(model, items, out, surrogates=surr, utility=utility, log=_log(args), **check)
@@ -281,19 +293,14 @@ def _adversarial(args, model, items, out: Path) -> dict:
 
 
 def _check_utility(args, before, after, utility, out: Path) -> dict:
-    from dori.mitigations.surrogates import (
-        compare_utility_memorization,
-        embedder_similarity,
-        utility_memorization,
-    )
+    from dori.mitigations.surrogates import compare_utility_memorization, utility_memorization
     from dori.models.pipeline import SamplingConfig
     from dori.runs import atomic_write_text
 
-    backends = _backends(args, before)
-    sim = embedder_similarity(backends.copy_detector)
+    sim, threshold = _replica_check(args, before)
     config = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
     runs = [
-        utility_memorization(m, utility, sim, backends.threshold, seed=args.seed, config=config)
+        utility_memorization(m, utility, sim, threshold, seed=args.seed, config=config)
         for m in (before, after)
     ]
     report = dict(compare_utility_memorization(*runs), before_detail=runs[0], after_detail=runs[1])
