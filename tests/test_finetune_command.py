@@ -67,3 +67,67 @@ def test_finetune_without_surrogates_is_a_clear_error(tmp_path, capsys):
     )
     assert rc == 2
     assert "--surrogate-mitigation nemo:DIR" in capsys.readouterr().err
+
+
+def test_surrogate_model_is_the_fallback_for_items_the_mitigation_leaves_replicating(tmp_path, monkeypatch):
+    import dori.mitigations as mitigations
+    import dori.mitigations.surrogates as surrogates
+
+    calls = []
+
+    def fake_generate(generator, items, similarity, threshold, mitigation=None, **kw):
+        calls.append(([it.id for it in items], mitigation is not None))
+        out = surrogates.SurrogateSet()
+        for it in items:
+            if mitigation is not None and it.id == "mem1":
+                out.failed[it.id] = "all candidates are replicas"
+            else:
+                out.images[it.id] = torch.rand(2, 3, 16, 16)
+                out.similarity[it.id] = [0.1, 0.2]
+        return out
+
+    class Fitted:
+        applied = object()
+
+    class Detector:
+        name = "fake-copy-detector"
+
+        def __call__(self, images):
+            return images.flatten(1)
+
+    class Backends:
+        copy_detector, threshold = Detector(), 0.8
+
+    import dori.commands.finetune as finetune_cmd
+
+    monkeypatch.setattr(finetune_cmd, "_backends", lambda args, model: Backends())
+    monkeypatch.setattr(surrogates, "generate_surrogates", fake_generate)
+    monkeypatch.setattr(mitigations, "load_mitigation", lambda spec: Fitted())
+    mem = _set(tmp_path, "mem", 3, 0)
+    util = _set(tmp_path, "util", 2, 10)
+    out = tmp_path / "adv"
+    rc = main(["finetune", "adversarial", "--model", "tiny-random", "--set", str(mem), "--no-progress",
+               "--utility-set", str(util), "--surrogate-mitigation", "nemo:unused", "--surrogate-model",
+               "tiny-random", "--epochs", "1", "--dori-steps", "1", "--steps-per-embedding", "1",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    # the mitigation is tried on every item; the other model only on the one it failed for
+    assert calls == [(["mem0", "mem1", "mem2"], True), (["mem1"], False)]
+    index = json.loads((out / "surrogates" / "surrogates.json").read_text())
+    assert index["settings"]["fallback_items"] == ["mem1"] and index["failed"] == {}
+    assert sorted(index["items"]) == ["mem0", "mem1", "mem2"]
+
+
+def test_surrogate_set_merge_fills_only_missing_items():
+    from dori.mitigations.surrogates import SurrogateSet
+
+    a = SurrogateSet(images={"x": torch.zeros(1, 3, 4, 4)}, similarity={"x": [0.1]}, failed={"y": "replicas"})
+    b = SurrogateSet(
+        images={"x": torch.ones(1, 3, 4, 4), "y": torch.ones(2, 3, 4, 4)}, similarity={"y": [0.2, 0.3]}
+    )
+    a.merge(b)
+    assert torch.equal(a.images["x"], torch.zeros(1, 3, 4, 4)) and a.images["y"].shape[0] == 2
+    assert a.failed == {} and a.similarity["y"] == [0.2, 0.3]
+    c = SurrogateSet(failed={"z": "replicas"})
+    c.merge(SurrogateSet(failed={"z": "also replicas"}))
+    assert c.failed["z"] == "replicas; fallback: also replicas"

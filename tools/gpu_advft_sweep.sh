@@ -6,6 +6,7 @@
 # e.g. CONFIGS="d8-3e-5:3e-5:20:10,20:--noise-draws_8"; results (JSON) come back in $OUT/sweep.tgz
 # CONFIRM=1 adds, for every audited epoch and the unmitigated model, a utility check on prompts the selection
 # never sees (util2-*: A_CLIP on heldout 500-549, FID/KID on heldout 200-999).
+# The last eval epoch of a configuration audits its final model (RUN/finetune.json says epochs_done).
 set -u
 bash tools/gpu_env.sh || exit 1
 R=${R:-runs/gpu/advft-sweep}; K=${LIMIT:-16}; mkdir -p $R
@@ -22,6 +23,7 @@ one() {  # name lr epochs evals args: trains up to each eval epoch in turn (resu
       --steps-per-embedding 3 --dori-steps 50 --surrogates $R/surrogates $args --out $R/$n --no-progress >> $R/$n.log 2>&1
     [[ " $evals " == *" $ep "* ]] || continue
     m=$R/$n/checkpoints/epoch-$(printf %04d $ep)
+    [ "$ep" != "$e" ] || m=$R/$n  # the final model: the last epoch's, or the kept one when --stop-mr ended the run early
     for init in prompt random; do
       [ -f $R/audit-$n-e$ep-$init.json ] || dori audit --model $m --set vm --limit $K --device cuda --attack dori \
         --steps 50 --snapshots none --init $init --out $R/audit-$n-e$ep-$init --json $R/audit-$n-e$ep-$init.json \

@@ -3,7 +3,9 @@
 * ``adversarial``: adversarial fine-tuning (Finding Dori, Algorithm 2). Surrogate images come from
   ``--surrogates DIR`` (a folder, see :mod:`dori.mitigations.surrogates`), or are generated from the memorized
   prompts under ``--surrogate-mitigation nemo:DIR`` (the paper's way), or by ``--surrogate-model M`` (another
-  model that never trained on the items, Appendix I.1). One of the three is required: generating from the
+  model that never trained on the items, Appendix I.1). With both ``--surrogate-mitigation`` and
+  ``--surrogate-model``, the other model serves only the items the mitigation leaves replicating (recorded as
+  ``fallback_items`` in ``OUT/surrogates/surrogates.json``). One of the three is required: generating from the
   memorizing model without a mitigation gives replicas, which would teach the model its own memorized images.
   Generated surrogates are checked with the copy detector and saved to ``OUT/surrogates``.
 * ``esd``: ESD-x erasing each memorized prompt. ``ca``: Concept Ablation onto anchor prompts (``--anchors
@@ -39,7 +41,12 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("surrogates (adversarial, siss)")
     g.add_argument("--surrogates", default=None, help="folder of surrogate images (<id>/*.png)")
     g.add_argument("--surrogate-mitigation", default=None, help="generate under this mitigation (nemo:DIR)")
-    g.add_argument("--surrogate-model", default=None, help="generate with this other model")
+    g.add_argument(
+        "--surrogate-model",
+        default=None,
+        help="generate with this other model (App. I.1); with --surrogate-mitigation, only for the items the "
+        "mitigation leaves replicating",
+    )
     g.add_argument("--surrogates-per-item", type=int, default=4)
     g.add_argument("--surrogate-rounds", type=int, default=3, help="generation rounds at most per item")
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for generated images")
@@ -142,24 +149,35 @@ def _surrogates(args, model, items, out: Path):
             "the items). The memorizing model alone would generate replicas."
         )
     backends = _backends(args, model)
-    generator, mitigation = model, None
+    similarity, threshold = embedder_similarity(backends.copy_detector), backends.threshold
+    config = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
+    other = None
     if args.surrogate_model is not None:
         from dori.models.loading import load_model
 
-        generator = load_model(args.surrogate_model, device=model.device, allow_download=args.download)
-    if args.surrogate_mitigation is not None:
+        other = load_model(args.surrogate_model, device=model.device, allow_download=args.download)
+
+    def make(generator, wanted, mitigation=None):
+        return generate_surrogates(
+            generator, wanted, similarity, threshold, mitigation=mitigation, per_item=args.surrogates_per_item,
+            max_rounds=args.surrogate_rounds, seed=args.seed, config=config,
+        )  # fmt: skip
+
+    fallback: list[str] = []
+    if args.surrogate_mitigation is None:
+        surr = make(other, items)  # Appendix I.1: another model that never trained on the items
+    else:
         from dori.mitigations import load_mitigation
 
-        fitted = load_mitigation(args.surrogate_mitigation)
-        mitigation = fitted.applied
-    config = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
-    surr = generate_surrogates(
-        generator, items, embedder_similarity(backends.copy_detector), backends.threshold, mitigation=mitigation,
-        per_item=args.surrogates_per_item, max_rounds=args.surrogate_rounds, seed=args.seed, config=config,
-    )  # fmt: skip
+        surr = make(model, items, load_mitigation(args.surrogate_mitigation).applied)
+        if other is not None and surr.failed:  # the mitigation left these replicating: ask the other model
+            fallback = [it.id for it in items if it.id in surr.failed]
+            surr.merge(make(other, [it for it in items if it.id in surr.failed]))
     settings = {
         "mitigation": args.surrogate_mitigation,
-        "model": args.surrogate_model or args.model,
+        "model": args.model if args.surrogate_mitigation else args.surrogate_model,
+        "fallback_model": args.surrogate_model if args.surrogate_mitigation else None,
+        "fallback_items": fallback,
         "threshold": backends.threshold,
         "copy_detector": backends.copy_detector.name,
         "per_item": args.surrogates_per_item,

@@ -67,6 +67,17 @@ class SurrogateSet:
     similarity: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
+    def merge(self, other: SurrogateSet) -> None:
+        """Take ``other``'s surrogates for the items this set has none for (e.g. from a fallback source)."""
+        for item_id, imgs in other.images.items():
+            if item_id not in self.images:
+                self.images[item_id] = imgs
+                self.similarity[item_id] = other.similarity.get(item_id, [])
+                self.failed.pop(item_id, None)
+        for item_id, why in other.failed.items():
+            if item_id not in self.images and item_id in self.failed:
+                self.failed[item_id] = f"{self.failed[item_id]}; fallback: {why}"
+
     def save(self, folder: str | Path, settings: dict | None = None) -> Path:
         """Write ``<folder>/<item id>/<n>.png`` and ``surrogates.json``."""
         folder = Path(folder)
