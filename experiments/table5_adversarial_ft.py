@@ -81,6 +81,12 @@ _cli.add_argument(
     help="comma list of fit stages to run, then stop (nemo, advft, advft-lora, esd, ca, siss): lets "
     "independent stages run as parallel processes; a final call without it runs the rest and the audit",
 )
+_cli.add_argument(
+    "--surrogate-model",
+    default=None,
+    help="another model (App. I.1) that makes the surrogates of the items NeMo leaves replicating (default: "
+    "none; those items are skipped)",
+)
 _cli.add_argument("--lr", default=LR, help=f"adversarial fine-tuning learning rate (default {LR})")
 _cli.add_argument(
     "--variants",
@@ -108,6 +114,8 @@ VARIANTS = [v for v in ("advft", "advft-lora") if v in _opts.variants.split(",")
 if "advft-lora" in VARIANTS and "advft" not in VARIANTS:
     _cli.error("--variants advft-lora needs advft (it reuses advft's surrogates)")
 LR = _opts.lr
+if _opts.surrogate_model:
+    SURROGATES = [*SURROGATES, "--surrogate-model", _opts.surrogate_model]
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
 SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
 # audit
