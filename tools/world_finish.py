@@ -1,0 +1,84 @@
+"""Issue 3 lead: is the shipped world's UNet short of what its data allows?
+
+Continues diffusion training of a world's (EMA) UNet on the world's own training mix (unique, vm x dups,
+tm x dups; the same loss, caption dropout and EMA as ``dori miniworld train``) for STEPS steps at a low peak
+learning rate, and writes a copy of the world with the new UNet to OUT. The copy's NeMo calibration is
+dropped (it belongs to the old UNet). Compare the two worlds with ``dori audit`` / ``dori miniworld check``.
+
+    python tools/world_finish.py --steps 600 --batch 128 --lr 3e-5 --out runs/world-finish
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dori.miniworld import generator as gen
+from dori.miniworld import train_parts as parts
+from dori.miniworld.train import PRESETS, _produce
+from dori.miniworld.train_unet import train_unet
+from dori.models.loading import load_model, resolve
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--model", default="miniworld")
+p.add_argument("--steps", type=int, default=600)
+p.add_argument("--batch", type=int, default=128)
+p.add_argument("--lr", type=float, default=3e-5)
+p.add_argument("--seed", type=int, default=100, help="seed of the continued run (batches, noise, dropout)")
+p.add_argument("--device", default="cpu")
+p.add_argument("--out", type=Path, required=True)
+a = p.parse_args()
+
+src = Path(resolve(a.model))
+world = json.loads((src / "dori_world.json").read_text())
+spec = replace(PRESETS[world.get("preset", "full")].spec, **world["spec"])
+t0 = time.time()
+model = load_model(a.model, device=a.device)
+uni, uni_captions, _ = _produce("unique", spec, list(range(spec.n_unique)), None)
+vm, vm_captions, _ = _produce("vm", spec, list(range(spec.n_vm)), None)
+tm = _produce("tm", spec, list(range(spec.n_tm * spec.tm_dups)), None)[0]
+tm_captions = gen.titles(spec)[1]
+ref = load_file(str(src / "sets" / "vm.safetensors"))["images"]
+if not torch.equal(ref, vm):
+    raise SystemExit(
+        "the generator no longer renders this world's vm images: its training data cannot be rebuilt"
+    )
+print(f"data rebuilt in {time.time() - t0:.0f} s (vm images identical to the shipped ones)", flush=True)
+
+cache = a.out.with_name(a.out.name + "-data.pt")  # latents and caption embeddings of this world
+if cache.exists():
+    x0, emb = torch.load(cache).values()
+else:
+    with torch.no_grad():
+        x0 = parts.latents(model.vae, torch.cat([uni, vm, tm]).to(model.device))
+        emb = model.encode_text([""] + uni_captions + vm_captions + tm_captions).float()
+    torch.save({"x0": x0, "emb": emb}, cache)
+print(f"latents and embeddings ready at {time.time() - t0:.0f} s", flush=True)
+nu, nv = spec.n_unique, spec.n_vm
+vm_rows = torch.arange(nv).repeat_interleave(spec.vm_dups)
+tm_rows = torch.arange(spec.n_tm).repeat_interleave(spec.tm_dups)
+emb_index = torch.cat([1 + torch.arange(nu), 1 + nu + vm_rows, 1 + nu + nv + tm_rows]).to(model.device)
+x0_index = torch.cat([torch.arange(nu), nu + vm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)])
+x0_index = x0_index.to(model.device)
+model.text_encoder.requires_grad_(False)
+model.unet.requires_grad_(True)  # loaded models come frozen
+t1 = time.time()
+ema, done = train_unet(
+    model, x0, emb, emb_index, x0_index, a.steps, a.batch, a.seed, lambda m: print(m, flush=True), lr=a.lr
+)
+print(f"{done} steps in {time.time() - t1:.0f} s", flush=True)
+
+if a.out.exists():
+    shutil.rmtree(a.out)
+shutil.copytree(src, a.out, ignore=shutil.ignore_patterns("nemo"))
+ema.save_pretrained(a.out / "unet", safe_serialization=True)
+world["finish"] = {"from": str(src), "steps": done, "batch": a.batch, "lr": a.lr, "seed": a.seed}
+(a.out / "dori_world.json").write_text(json.dumps(world, indent=1))
+print(f"wrote {a.out}", flush=True)
