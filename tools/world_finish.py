@@ -32,6 +32,9 @@ p.add_argument("--steps", type=int, default=600)
 p.add_argument("--batch", type=int, default=128)
 p.add_argument("--lr", type=float, default=3e-5)
 p.add_argument("--seed", type=int, default=100, help="seed of the continued run (batches, noise, dropout)")
+p.add_argument(
+    "--sets", default="unique,vm,tm", help="which training items to continue on (default: the whole mix)"
+)
 p.add_argument("--device", default="cpu")
 p.add_argument("--out", type=Path, required=True)
 a = p.parse_args()
@@ -64,9 +67,16 @@ print(f"latents and embeddings ready at {time.time() - t0:.0f} s", flush=True)
 nu, nv = spec.n_unique, spec.n_vm
 vm_rows = torch.arange(nv).repeat_interleave(spec.vm_dups)
 tm_rows = torch.arange(spec.n_tm).repeat_interleave(spec.tm_dups)
-emb_index = torch.cat([1 + torch.arange(nu), 1 + nu + vm_rows, 1 + nu + nv + tm_rows]).to(model.device)
-x0_index = torch.cat([torch.arange(nu), nu + vm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)])
-x0_index = x0_index.to(model.device)
+rows = {  # (caption rows, image rows) of each set's training examples, duplicates included
+    "unique": (1 + torch.arange(nu), torch.arange(nu)),
+    "vm": (1 + nu + vm_rows, nu + vm_rows),
+    "tm": (1 + nu + nv + tm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)),
+}
+chosen = a.sets.split(",")
+if not chosen or any(k not in rows for k in chosen):
+    raise SystemExit(f"--sets takes a comma list of {sorted(rows)}, got {a.sets!r}")
+emb_index = torch.cat([rows[k][0] for k in chosen]).to(model.device)
+x0_index = torch.cat([rows[k][1] for k in chosen]).to(model.device)
 model.text_encoder.requires_grad_(False)
 model.unet.requires_grad_(True)  # loaded models come frozen
 t1 = time.time()
@@ -79,6 +89,13 @@ if a.out.exists():
     shutil.rmtree(a.out)
 shutil.copytree(src, a.out, ignore=shutil.ignore_patterns("nemo"))
 ema.save_pretrained(a.out / "unet", safe_serialization=True)
-world["finish"] = {"from": str(src), "steps": done, "batch": a.batch, "lr": a.lr, "seed": a.seed}
+world["finish"] = {
+    "from": str(src),
+    "sets": chosen,
+    "steps": done,
+    "batch": a.batch,
+    "lr": a.lr,
+    "seed": a.seed,
+}
 (a.out / "dori_world.json").write_text(json.dumps(world, indent=1))
 print(f"wrote {a.out}", flush=True)
