@@ -38,6 +38,9 @@ p.add_argument(
 p.add_argument("--device", default="cpu")
 p.add_argument("--out", type=Path, required=True)
 a = p.parse_args()
+chosen = a.sets.split(",")
+if any(k not in ("unique", "vm", "tm") for k in chosen):
+    p.error(f"--sets takes a comma list of unique, vm, tm; got {a.sets!r}")
 
 src = Path(resolve(a.model))
 world = json.loads((src / "dori_world.json").read_text())
@@ -72,9 +75,6 @@ rows = {  # (caption rows, image rows) of each set's training examples, duplicat
     "vm": (1 + nu + vm_rows, nu + vm_rows),
     "tm": (1 + nu + nv + tm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)),
 }
-chosen = a.sets.split(",")
-if not chosen or any(k not in rows for k in chosen):
-    raise SystemExit(f"--sets takes a comma list of {sorted(rows)}, got {a.sets!r}")
 emb_index = torch.cat([rows[k][0] for k in chosen]).to(model.device)
 x0_index = torch.cat([rows[k][1] for k in chosen]).to(model.device)
 model.text_encoder.requires_grad_(False)
