@@ -58,7 +58,7 @@ if not torch.equal(ref, vm):
     )
 print(f"data rebuilt in {time.time() - t0:.0f} s (vm images identical to the shipped ones)", flush=True)
 
-cache = a.out.with_name(a.out.name + "-data.pt")  # latents and caption embeddings of this world
+cache = a.out.parent / f"{src.name}-finish-data.pt"  # latents and caption embeddings of the source world
 if cache.exists():
     x0, emb = torch.load(cache).values()
 else:
