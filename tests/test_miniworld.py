@@ -176,3 +176,17 @@ def test_tiny_world_trains_and_memorizes(tmp_path):
     assert res["vm"]["mr"] >= 0.5
     assert res["heldout"]["mr"] <= 0.25
     assert res["vm"]["best_sim_mean"] > res["heldout"]["best_sim_mean"]
+
+
+def test_training_rows_repeat_duplicated_items_and_select_sets():
+    from dori.miniworld.generator import WorldSpec
+    from dori.miniworld.train import training_rows
+
+    spec = WorldSpec(seed=0, n_vm=2, n_tm=2, n_unique=3, n_heldout=1, vm_dups=4, tm_dups=5)
+    emb, img = training_rows(spec)
+    assert len(emb) == len(img) == 3 + 2 * 4 + 2 * 5
+    assert emb.min() >= 1  # row 0 is the empty prompt, used only by caption dropout
+    assert (emb == 1 + 3).sum() == 4 and (img == 3).sum() == 4  # vm item 0: its caption and image, 4 copies
+    assert len(set(img[-10:].tolist())) == 10  # tm: one caption per template, every variant its own image
+    emb_u, img_u = training_rows(spec, ["unique"])
+    assert emb_u.tolist() == [1, 2, 3] and img_u.tolist() == [0, 1, 2]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from dori.miniworld import generator as gen
 from dori.miniworld import train_parts as parts
-from dori.miniworld.train import PRESETS, _produce
+from dori.miniworld.train import PRESETS, _produce, training_rows
 from dori.miniworld.train_unet import train_unet
 from dori.models.loading import load_model, resolve
 
@@ -67,16 +67,7 @@ else:
         emb = model.encode_text([""] + uni_captions + vm_captions + tm_captions).float()
     torch.save({"x0": x0, "emb": emb}, cache)
 print(f"latents and embeddings ready at {time.time() - t0:.0f} s", flush=True)
-nu, nv = spec.n_unique, spec.n_vm
-vm_rows = torch.arange(nv).repeat_interleave(spec.vm_dups)
-tm_rows = torch.arange(spec.n_tm).repeat_interleave(spec.tm_dups)
-rows = {  # (caption rows, image rows) of each set's training examples, duplicates included
-    "unique": (1 + torch.arange(nu), torch.arange(nu)),
-    "vm": (1 + nu + vm_rows, nu + vm_rows),
-    "tm": (1 + nu + nv + tm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)),
-}
-emb_index = torch.cat([rows[k][0] for k in chosen]).to(model.device)
-x0_index = torch.cat([rows[k][1] for k in chosen]).to(model.device)
+emb_index, x0_index = (r.to(model.device) for r in training_rows(spec, chosen))
 model.text_encoder.requires_grad_(False)
 model.unet.requires_grad_(True)  # loaded models come frozen
 t1 = time.time()

@@ -152,6 +152,23 @@ def build_data(cfg: TrainConfig, workers: int = 1) -> dict:
     }
 
 
+def training_rows(spec: gen.WorldSpec, sets=("unique", "vm", "tm")) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption rows, image rows) of the UNet's training examples, duplicates included.
+
+    Rows index the distinct embeddings ``[empty prompt, unique captions, vm captions, tm captions]`` and the
+    distinct images ``[unique, vm, tm variants]``; ``sets`` picks part of the mix, in this order.
+    """
+    nu, nv = spec.n_unique, spec.n_vm
+    vm_rows = torch.arange(nv).repeat_interleave(spec.vm_dups)
+    tm_rows = torch.arange(spec.n_tm).repeat_interleave(spec.tm_dups)
+    rows = {
+        "unique": (1 + torch.arange(nu), torch.arange(nu)),
+        "vm": (1 + nu + vm_rows, nu + vm_rows),
+        "tm": (1 + nu + nv + tm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)),
+    }
+    return torch.cat([rows[k][0] for k in sets]), torch.cat([rows[k][1] for k in sets])
+
+
 class _Parts:
     """Per-component weight files and timings under ``OUT/train`` (what makes training resumable)."""
 
@@ -329,13 +346,7 @@ def train_world(
         emb = model.encode_text(
             [""] + data["unique_captions"] + data["vm_captions"] + data["tm_captions"]
         ).float()
-        nu, nv = spec.n_unique, spec.n_vm
-        vm_rows = torch.arange(nv).repeat_interleave(spec.vm_dups)
-        tm_rows = torch.arange(spec.n_tm).repeat_interleave(spec.tm_dups)
-        emb_index = torch.cat([1 + torch.arange(nu), 1 + nu + vm_rows, 1 + nu + nv + tm_rows]).to(dev)
-        x0_index = torch.cat(
-            [torch.arange(nu), nu + vm_rows, nu + nv + torch.arange(spec.n_tm * spec.tm_dups)]
-        ).to(dev)
+        emb_index, x0_index = (r.to(dev) for r in training_rows(spec))
         ema, done = train_unet(
             model,
             x0,
