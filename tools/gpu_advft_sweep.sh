@@ -11,7 +11,8 @@ set -u
 bash tools/gpu_env.sh || exit 1
 R=${R:-runs/gpu/advft-sweep}; K=${LIMIT:-16}; mkdir -p $R
 W="--model miniworld --set vm --limit $K --device cuda"
-[ -f $R/nemo/nemo.json ] || dori mitigate nemo $W --out $R/nemo --no-progress > $R/nemo.log 2>&1
+# NeMo only to make surrogates: a surrogate folder carried in $R/surrogates (e.g. all 40 items with fallbacks) skips it
+[ -f $R/nemo/nemo.json ] || [ -f $R/surrogates/surrogates.json ] || dori mitigate nemo $W --out $R/nemo --no-progress > $R/nemo.log 2>&1
 # surrogates once (NeMo, 4 per item, checked), shared by every configuration
 [ -f $R/surrogates/surrogates.json ] || { dori finetune adversarial $W --seed 0 --epochs 1 --utility-set unique \
   --n-utility 100 --surrogate-mitigation nemo:$R/nemo --surrogates-per-item 4 --out $R/surr-run --no-progress \
