@@ -60,11 +60,11 @@ def test_finetune_adversarial_and_esd_write_loadable_models(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "esd" / "model_index.json").exists()
 
 
-def test_finetune_without_surrogates_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["finetune", "adversarial"], ["mitigate", "adversarial-ft"]])
+def test_finetune_without_surrogates_is_a_clear_error(tmp_path, capsys, command):
+    # `dori mitigate adversarial-ft` (the spelling) is the same command as `dori finetune adversarial`
     mem = _set(tmp_path, "mem", 1, 0)
-    rc = main(
-        ["finetune", "adversarial", "--model", "tiny-random", "--set", str(mem), "--out", str(tmp_path / "o")]
-    )
+    rc = main([*command, "--model", "tiny-random", "--set", str(mem), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "--surrogate-mitigation nemo:DIR" in capsys.readouterr().err
 

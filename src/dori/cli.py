@@ -23,9 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `dori mitigate <method>` for the weight-changing mitigations: the same command as `dori finetune <method>`
+FINETUNE_ALIASES = {
+    "adversarial-ft": "adversarial",
+    "advft": "adversarial",
+    "esd": "esd",
+    "ca": "ca",
+    "siss": "siss",
+}
+
+
+def _aliased(argv: list[str]) -> list[str]:
+    if len(argv) >= 2 and argv[0] == "mitigate" and argv[1] in FINETUNE_ALIASES:
+        return ["finetune", FINETUNE_ALIASES[argv[1]], *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_aliased(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

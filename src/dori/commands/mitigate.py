@@ -15,7 +15,13 @@ from dori.errors import DoriError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("mitigate", help="fit NeMo or Wanda on an item set (writes neuron sets / masks)")
+    p = sub.add_parser(
+        "mitigate",
+        help="fit NeMo or Wanda on an item set (writes neuron sets / masks); adversarial-ft, esd, ca, siss: "
+        "fine-tune (the same as `dori finetune`)",
+        epilog="`dori mitigate adversarial-ft|esd|ca|siss ...` runs `dori finetune adversarial|esd|ca|siss ...` "
+        "(see `dori finetune --help`).",
+    )
     p.add_argument("method", choices=["nemo", "wanda"], help="the pruning mitigation")
     add_model_args(p)
     add_run_args(p)
