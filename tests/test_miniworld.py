@@ -190,3 +190,24 @@ def test_training_rows_repeat_duplicated_items_and_select_sets():
     assert len(set(img[-10:].tolist())) == 10  # tm: one caption per template, every variant its own image
     emb_u, img_u = training_rows(spec, ["unique"])
     assert emb_u.tolist() == [1, 2, 3] and img_u.tolist() == [0, 1, 2]
+
+
+def test_train_duplicates_option_sets_the_copies_of_vm_and_tm(tmp_path, monkeypatch):
+    import dori.miniworld.train as train
+    from dori.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_data(cfg, workers=1):
+        seen["spec"] = cfg.spec
+        raise Stop
+
+    monkeypatch.setattr(train, "build_data", fake_build_data)
+    with pytest.raises(Stop):
+        main(["miniworld", "train", "--tiny", "--seed", "3", "--duplicates", "7", "--device", "cpu",
+              "--out", str(tmp_path / "w")])  # fmt: skip
+    assert (seen["spec"].seed, seen["spec"].vm_dups, seen["spec"].tm_dups) == (3, 7, 7)
+    assert main(["miniworld", "train", "--tiny", "--duplicates", "0", "--out", str(tmp_path / "x")]) == 2

@@ -27,6 +27,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="train the other components and stop (a second call trains the UNet and writes the world)",
     )
+    t.add_argument(
+        "--duplicates",
+        type=int,
+        default=None,
+        help="training copies of each vm item and images of each tm caption (default 200; the tiny world 50)",
+    )
     t.set_defaults(func=run_train)
 
     i = msub.add_parser("info", help="what a world holds: sets, model sizes, threshold, provenance")
@@ -57,6 +63,7 @@ def run_train(args) -> int:
         device=resolve_device(args.device),
         workers=args.workers,
         stop_before_unet=args.stop_before_unet,
+        duplicates=args.duplicates,
     )
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dori.errors import DoriError
 from dori.miniworld import generator as gen
 from dori.miniworld import train_parts as parts
 from dori.miniworld.standins import build_standins, save_standins
@@ -210,6 +211,7 @@ def train_world(
     log=print,
     overrides: dict | None = None,
     stop_before_unet: bool = False,
+    duplicates: int | None = None,
 ) -> Path | None:
     """Train every component of a miniworld and write the loadable folder ``out`` (see module docstring).
 
@@ -223,6 +225,9 @@ def train_world(
         overrides: :class:`TrainConfig` fields to change (e.g. step counts for a smoke run).
         stop_before_unet: train and keep every other component, then return ``None`` (a later call
             trains the UNet: lets a job with a short time limit split the work).
+        duplicates: training copies of each vm item and images per tm caption (default: the preset's). Only
+            the UNet's data changes, so the other components of a world of the same seed in ``out/train`` are
+            reused.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -233,7 +238,10 @@ def train_world(
     from dori.models.tokenizer import build_clip_tokenizer_files
     from dori.runs import atomic_save_tensors, provenance
 
-    cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed), **(overrides or {}))
+    if duplicates is not None and duplicates < 1:
+        raise DoriError("--duplicates must be at least 1")
+    dups = {} if duplicates is None else {"vm_dups": duplicates, "tm_dups": duplicates}
+    cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **(overrides or {}))
     out, dev, store = Path(out), _device(device), _Parts(Path(out))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
