@@ -264,6 +264,15 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
     prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
     assert all(p.endswith(it.prompt) and p != it.prompt for p, it in zip(prompts, items, strict=True))
+    # the reference's early stop: a prompt whose generation passes the threshold ends the item's search
+    assert [run.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [None] * len(items)  # 0.7: none
+    always = Backends(FakeCopy(), -2.0, FakeAligner(), FakeInception())  # every cosine passes -2
+    run2 = RunDir(tmp_path / "uda2", {"test": True})
+    run_audit(
+        tiny, items, "toy", always, run2, config, attack="unlearndiffatk",
+        uda=UnlearnDiffAtk(timesteps=2, iterations=2), progress=False,
+    )  # fmt: skip
+    assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [1] * len(items)
 
 
 def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):

@@ -36,10 +36,14 @@ from dori.evaluation import (
     MitigationContext,
     Setting,
     dori_seed,
+    embed,
     evaluate_items,
+    generation_seeds,
     summarize,
+    to_uint8,
     utility_scores,
 )
+from dori.metrics import functions as M
 from dori.metrics.features import Backends
 from dori.models.pipeline import T2IModel
 from dori.runs import RunDir, atomic_save_tensors, load_tensors
@@ -110,9 +114,14 @@ def run_unlearndiffatk(
     mitigation: MitigationContext | None = None,
     per_item: bool = False,
     max_items: int = 32,
+    backends: Backends | None = None,
 ) -> torch.Tensor:
     """UnlearnDiffAtk prompts (Appendix G.1) per item against the (mitigated) model, saved per item like Dori's
-    embeddings; returns the embeddings of the found discrete prompts (N, tokens, dim)."""
+    embeddings; returns the embeddings of the found discrete prompts (N, tokens, dim).
+
+    With ``backends``, an item stops at the first timestep whose current prompt already replicates (the
+    reference's early stop, :func:`uda_success`), so the prompt kept is the first one that succeeded.
+    """
     todo = [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
     per_call = 1 if per_item else max_items
     for lo in range(0, len(todo), per_call):
@@ -121,8 +130,12 @@ def run_unlearndiffatk(
         x0 = model.encode_images(torch.stack([resize_to(items[j].image, model.image_size) for j in group]))
         ids = [items[j].id for j in group]
         ctx = mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
+        success = None
+        if backends is not None:
+            first = [generation_seeds(config.seed, indices[j], 1)[0] for j in group]
+            success = uda_success(model, [items[j].image for j in group], first, backends, config)
         with ctx:
-            res = attack(model, x0, [items[j].prompt for j in group], seeds)
+            res = attack(model, x0, [items[j].prompt for j in group], seeds, success=success)
         for pos, j in enumerate(group):
             atomic_save_tensors(
                 run.artifact(uda_artifact(mkey, items[j].id)),
@@ -132,8 +145,35 @@ def run_unlearndiffatk(
                     "losses": res.losses[pos],
                 },
             )
-            run.put(f"uda.{mkey}.{items[j].id}", {"prompt": res.prompts[pos]})
+            stopped = res.stopped_at[pos] if res.stopped_at else None
+            run.put(f"uda.{mkey}.{items[j].id}", {"prompt": res.prompts[pos], "stopped_at": stopped})
     return torch.stack([load_tensors(run.artifact(uda_artifact(mkey, it.id)))["embedding"] for it in items])
+
+
+def uda_success(
+    model: T2IModel,
+    images: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    backends: Backends,
+    config: EvalConfig,
+) -> Callable[[list[int], torch.Tensor], list[bool]]:
+    """UnlearnDiffAtk's stop test for memorization: one generation from the current prompt (``seeds``: the
+    items' first evaluation seeds; the protocol's sampler) passes the replication threshold against the
+    training image.
+    Called inside the attack, so a mitigation applied around it applies here too."""
+
+    def success(idx: list[int], embeddings: torch.Tensor) -> list[bool]:
+        with torch.no_grad():  # scored as evaluate_items scores a generation: uint8, training image as given
+            gens = to_uint8(model.sample(embeddings, [int(seeds[i]) for i in idx], config.sampling))
+            feats = embed(backends.copy_detector, list(gens.float() / 255), config.feature_batch)
+            train = embed(
+                backends.copy_detector, [to_uint8(images[i]).float() / 255 for i in idx], config.feature_batch
+            )
+        return [
+            M.sscd_orig(f[None], t)["max"] >= backends.threshold for f, t in zip(feats, train, strict=True)
+        ]
+
+    return success
 
 
 def run_dori(
@@ -280,8 +320,9 @@ def run_audit(
             from dori.attacks.unlearndiffatk import UnlearnDiffAtk
 
             uda_embeddings = run_unlearndiffatk(
-                model, usable, indices, uda or UnlearnDiffAtk(), run, mkey, config, ctx, per_item
-            )
+                model, usable, indices, uda or UnlearnDiffAtk(), run, mkey, config, ctx, per_item,
+                backends=backends,
+            )  # fmt: skip
         embeddings = None
         if setting.attack == "dori":
             embeddings = searched.get(setting.dori_steps)
