@@ -211,3 +211,11 @@ def test_train_duplicates_option_sets_the_copies_of_vm_and_tm(tmp_path, monkeypa
               "--out", str(tmp_path / "w")])  # fmt: skip
     assert (seen["spec"].seed, seen["spec"].vm_dups, seen["spec"].tm_dups) == (3, 7, 7)
     assert main(["miniworld", "train", "--tiny", "--duplicates", "0", "--out", str(tmp_path / "x")]) == 2
+    # a finished UNet of another duplicate count in OUT is never reused (tiny: 200 + 4 x 50 + 2 x 50 examples)
+    kept = tmp_path / "y" / "train"
+    kept.mkdir(parents=True)
+    (kept / "unet.safetensors").write_bytes(b"")
+    (kept / "meta.json").write_text('{"unet": {"examples": 500}}')
+    assert main(["miniworld", "train", "--tiny", "--duplicates", "7", "--out", str(tmp_path / "y")]) == 2
+    with pytest.raises(Stop):  # the count it was trained on passes the check
+        main(["miniworld", "train", "--tiny", "--out", str(tmp_path / "y"), "--device", "cpu"])

@@ -243,6 +243,13 @@ def train_world(
     dups = {} if duplicates is None else {"vm_dups": duplicates, "tm_dups": duplicates}
     cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **(overrides or {}))
     out, dev, store = Path(out), _device(device), _Parts(Path(out))
+    examples = cfg.spec.n_unique + cfg.spec.n_vm * cfg.spec.vm_dups + cfg.spec.n_tm * cfg.spec.tm_dups
+    kept = store.meta.get("unet", {}).get("examples")
+    if (store.dir / "unet.safetensors").exists() and kept not in (None, examples):
+        raise DoriError(  # e.g. a finished UNet of another --duplicates in the same OUT: never reuse it
+            f"{store.dir} holds a UNet trained on {kept} examples, this world has {examples} (another "
+            "--duplicates?): use a new --out, or delete unet.safetensors there to retrain it"
+        )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     start = time.time()
@@ -346,9 +353,9 @@ def train_world(
     if stop_before_unet:
         timed("stopped before the UNet (run again without --stop-before-unet to finish)")
         return None
+    spec = cfg.spec
     if not store.load("unet", unet):
         t = timed("UNet")
-        spec = cfg.spec
         x0 = parts.latents(vae, torch.cat([on["unique"], on["vm"], on["tm"]]))
         model.to(dev)
         emb = model.encode_text(
