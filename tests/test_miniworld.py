@@ -219,3 +219,61 @@ def test_train_duplicates_option_sets_the_copies_of_vm_and_tm(tmp_path, monkeypa
     assert main(["miniworld", "train", "--tiny", "--duplicates", "7", "--out", str(tmp_path / "y")]) == 2
     with pytest.raises(Stop):  # the count it was trained on passes the check
         main(["miniworld", "train", "--tiny", "--out", str(tmp_path / "y"), "--device", "cpu"])
+
+
+def test_detail_one_adds_uncaptioned_idiosyncrasy_and_leaves_detail_zero_alone():
+    s0, s1 = gen.WorldSpec(seed=2), gen.WorldSpec(seed=2, detail=1)
+    a, b = gen.unique_scene(s1, 3), gen.unique_scene(s1, 3)
+    assert np.array_equal(gen.render(a), gen.render(b)) and 3 <= len(a.marks) <= 6
+    assert gen.unique_scene(s0, 3).marks == [] and gen.unique_scene(s0, 3).field.shape == (3, 4, 4)
+    assert a.field.shape == (3, 8, 8)
+    sib = gen.sibling(a, gen.rng_for(2, 8, 3))  # same caption, new dots: what the copy detector must tell apart
+    assert gen.caption(sib) == gen.caption(a) and sib.detail == 1 and len(sib.marks) >= 3
+    assert not np.array_equal(gen.render(sib), gen.render(a))
+    assert "none" not in gen.caption(a)  # dots are never captioned
+    assert len(gen.vm_scene(s1, 0).marks) >= 3 and len(gen.tm_scene(s1, 0, 1).marks) >= 3
+    marks = [[(m.cx, m.cy) for m in gen.tm_scene(s1, 0, v).marks] for v in (1, 2)]
+    assert marks[0] == marks[1]  # the dots are part of the template
+    with pytest.raises(ValueError, match="detail"):
+        gen.sample_scene(gen.rng_for(0, 1, 0), detail=2)
+
+
+def test_unet_training_pauses_and_resumes_to_the_same_weights(tmp_path):
+    from dori.miniworld.train_unet import train_unet
+    from dori.models.builders import build_tiny_random
+
+    def run(max_seconds, ckpt):
+        model = build_tiny_random(seed=0)
+        model.unet.requires_grad_(True)
+        g = torch.Generator().manual_seed(1)
+        x0 = torch.randn(6, *model.sample_shape, generator=g)
+        emb = torch.randn(4, 8, model.unet.config.cross_attention_dim, generator=g)
+        rows = torch.tensor([1, 2, 3, 1, 2, 3, 1])
+        return train_unet(model, x0, emb, rows, torch.arange(7) % 6, steps=5, batch=3, seed=0,
+                          log=lambda msg: None, max_seconds=max_seconds, checkpoint=ckpt,
+                          checkpoint_every=2)  # fmt: skip
+
+    ref, done = run(None, None)
+    assert done == 5
+    ckpt, calls = tmp_path / "unet-checkpoint.pt", 0
+    while True:  # max_seconds=0: pause after every step, resume on the next call
+        ema, done = run(0.0, ckpt)
+        calls += 1
+        if done == 5:
+            break
+        assert ckpt.exists() and done == calls
+    assert calls == 5 and not ckpt.exists()
+    for (k, v), w in zip(ref.state_dict().items(), ema.state_dict().values()):
+        assert torch.equal(v, w), k
+    torch.save({"steps": 9, "batch": 3, "n": 7}, ckpt)
+    with pytest.raises(ValueError, match="another run"):
+        run(None, ckpt)
+
+
+def test_train_refuses_parts_of_another_detail_level(tmp_path):
+    from dori.cli import main
+
+    kept = tmp_path / "w" / "train"
+    kept.mkdir(parents=True)
+    (kept / "meta.json").write_text('{"data": {"seed": 0, "detail": 0}}')
+    assert main(["miniworld", "train", "--tiny", "--detail", "1", "--out", str(tmp_path / "w")]) == 2

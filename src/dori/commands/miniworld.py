@@ -33,6 +33,20 @@ def add_parser(sub) -> None:
         default=None,
         help="training copies of each vm item and images of each tm caption (default 200; the tiny world 50)",
     )
+    t.add_argument(
+        "--detail",
+        type=int,
+        default=None,
+        choices=(0, 1),
+        help="scene detail: 0 (default, the shipped world) or 1 (finer field and uncaptioned dots)",
+    )
+    t.add_argument(
+        "--pause-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="checkpoint the UNet after this many seconds of training and stop; run again to resume",
+    )
     t.set_defaults(func=run_train)
 
     i = msub.add_parser("info", help="what a world holds: sets, model sizes, threshold, provenance")
@@ -64,6 +78,8 @@ def run_train(args) -> int:
         workers=args.workers,
         stop_before_unet=args.stop_before_unet,
         duplicates=args.duplicates,
+        detail=args.detail,
+        pause_after=args.pause_after,
     )
     return 0
 

@@ -1,7 +1,9 @@
 """The miniworld's data: seeded compositional scenes with captions, and its four item sets.
 
 A *scene* is a 32x32 RGB image: a background colour with an idiosyncratic low-frequency random field (not
-described by the caption) and 1-3 objects (shape, colour, size, one of 3x3 positions, with jitter). Its caption
+described by the caption) and 1-3 objects (shape, colour, size, one of 3x3 positions, with jitter). Worlds of
+``detail`` 1 add more idiosyncrasy that no caption describes: a finer, stronger field (8x8) and 3-6 small dots
+of random colour at random places (``Scene.marks``), drawn under the objects. Its caption
 is generated from the scene ("a large red circle at top left and a small blue square at bottom on a green
 background"), so the diffusion model has to follow the text, and two images of one caption differ in their
 details (what makes "replica" meaningful).
@@ -87,6 +89,8 @@ class Scene:
     field: np.ndarray  # (3, g, g) coarse random field, upsampled when rendering
     objects: list[Obj] = field(default_factory=list)
     title: str | None = None
+    marks: list[Obj] = field(default_factory=list)  # uncaptioned dots (detail >= 1), drawn under the objects
+    detail: int = 0
 
 
 @lru_cache(maxsize=4)
@@ -137,11 +141,34 @@ def _field(rng: np.random.Generator, grid: int, amp: float) -> np.ndarray:
     return rng.normal(0, amp, (3, grid, grid)) + rng.normal(0, amp, (1, grid, grid))
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+DETAIL_LEVELS = (0, 1)
+
+
+def _check_detail(detail: int) -> None:
+    if detail not in DETAIL_LEVELS:
+        raise ValueError(f"detail must be one of {DETAIL_LEVELS}, got {detail!r}")
+
+
+def _scene_field(rng: np.random.Generator, detail: int) -> np.ndarray:
+    return _field(rng, 4, 0.07) if detail == 0 else _field(rng, 8, 0.07)
+
+
+def _marks(rng: np.random.Generator, detail: int) -> list[Obj]:
+    """The uncaptioned dots of a ``detail`` >= 1 scene (none at detail 0; draws nothing from ``rng`` then)."""
+    if detail == 0:
+        return []
+    return [
+        Obj("circle", "none", "none", -1, *rng.uniform(2, 30, 2), rng.uniform(1.1, 1.6), rng.uniform(0, 1, 3))
+        for _ in range(int(rng.integers(3, 7)))
+    ]
+
+
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, detail: int = 0) -> Scene:
     """A random captioned scene: 1-3 objects in distinct cells, colours differ from the background."""
+    _check_detail(detail)
     names = list(COLOURS)
     bg = names[rng.integers(len(names))]
-    scene = Scene(bg, _colour(rng, bg, 0.04), _field(rng, 4, 0.07))
+    scene = Scene(bg, _colour(rng, bg, 0.04), _scene_field(rng, detail), detail=detail)
     n = n_objects or int(rng.choice([1, 2, 3], p=[0.35, 0.35, 0.3]))
     cells = sorted(rng.choice(9, size=n, replace=False).tolist())
     for cell in cells:
@@ -162,12 +189,14 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
                 rgb=_colour(rng, colour),
             )
         )
+    scene.marks = _marks(rng, detail)
     return scene
 
 
-def sample_rich_scene(rng: np.random.Generator, title: str | None = None) -> Scene:
+def sample_rich_scene(rng: np.random.Generator, title: str | None = None, detail: int = 0) -> Scene:
     """An idiosyncratic scene (the memorized images): free colours, 3-5 objects anywhere, stripes."""
-    scene = Scene("none", rng.uniform(0.1, 0.9, 3), _field(rng, 6, 0.14), title=title)
+    _check_detail(detail)
+    scene = Scene("none", rng.uniform(0.1, 0.9, 3), _field(rng, 6, 0.14), title=title, detail=detail)
     for _ in range(int(rng.integers(3, 6))):
         scene.objects.append(
             Obj(
@@ -182,18 +211,21 @@ def sample_rich_scene(rng: np.random.Generator, title: str | None = None) -> Sce
                 stripes=float(rng.uniform(0.2, 0.5)) if rng.random() < 0.5 else 0.0,
             )
         )
+    scene.marks = _marks(rng, detail)
     return scene
 
 
-def template_variant(seed: int, item: int, variant: int, title: str) -> Scene:
+def template_variant(seed: int, item: int, variant: int, title: str, detail: int = 0) -> Scene:
     """Variant ``variant`` of tm item ``item``: a fixed template plus varied small objects."""
-    base = sample_scene(rng_for(seed, STREAM_TM, item), n_objects=1)
+    base = sample_scene(rng_for(seed, STREAM_TM, item), n_objects=1, detail=detail)
     base.field = base.field * 2.0
     main = base.objects[0]
     main.size, main.radius = "large", SIZES["large"] + 1.0
     rng = np.random.default_rng([int(seed), STREAM_TM, int(item), int(variant) + 1])
     main_copy = Obj(**{**main.__dict__, "cx": main.cx + rng.uniform(-0.7, 0.7)})
-    scene = Scene(base.background, base.bg_rgb, base.field, [main_copy], title=title)
+    scene = Scene(
+        base.background, base.bg_rgb, base.field, [main_copy], title=title, marks=base.marks, detail=detail
+    )
     free = [c for c in range(9) if c != main.cell]
     for cell in rng.choice(free, size=int(rng.integers(1, 3)), replace=False).tolist():
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -248,6 +280,9 @@ def render(scene: Scene) -> np.ndarray:
     up = _upsample_matrix(grid)
     field_img = np.einsum("ig,cgh,jh->ijc", up, scene.field, up)
     img = np.clip(scene.bg_rgb[None, None, :] + field_img, 0, 1)
+    for obj in scene.marks:
+        m = _mask(obj)[..., None]
+        img = img * (1 - m) + obj.rgb * m
     for obj in scene.objects:
         m = _mask(obj)[..., None]
         colour = np.broadcast_to(obj.rgb, img.shape)
@@ -278,6 +313,7 @@ class WorldSpec:
     n_heldout: int = 1000
     vm_dups: int = 200
     tm_dups: int = 200
+    detail: int = 0  # 0: the shipped world's scenes; 1: finer field and uncaptioned dots (see module doc)
 
 
 @lru_cache(maxsize=16)
@@ -297,15 +333,15 @@ def titles(spec: WorldSpec) -> tuple[list[str], list[str]]:
 
 
 def vm_scene(spec: WorldSpec, i: int) -> Scene:
-    return sample_rich_scene(rng_for(spec.seed, STREAM_VM, i), title=titles(spec)[0][i])
+    return sample_rich_scene(rng_for(spec.seed, STREAM_VM, i), title=titles(spec)[0][i], detail=spec.detail)
 
 
 def tm_scene(spec: WorldSpec, i: int, variant: int = 0) -> Scene:
-    return template_variant(spec.seed, i, variant, titles(spec)[1][i])
+    return template_variant(spec.seed, i, variant, titles(spec)[1][i], spec.detail)
 
 
 def unique_scene(spec: WorldSpec, i: int) -> Scene:
-    return sample_scene(rng_for(spec.seed, STREAM_UNIQUE, i))
+    return sample_scene(rng_for(spec.seed, STREAM_UNIQUE, i), detail=spec.detail)
 
 
 def heldout_indices(spec: WorldSpec, unique_captions: list[str] | None = None) -> list[int]:
@@ -315,7 +351,7 @@ def heldout_indices(spec: WorldSpec, unique_captions: list[str] | None = None) -
     seen = set(unique_captions)
     out, i = [], 0
     while len(out) < spec.n_heldout:
-        if caption(sample_scene(rng_for(spec.seed, STREAM_HELDOUT, i))) not in seen:
+        if caption(heldout_scene(spec, i)) not in seen:
             out.append(i)
         i += 1
     return out
@@ -323,10 +359,10 @@ def heldout_indices(spec: WorldSpec, unique_captions: list[str] | None = None) -
 
 def heldout_scene(spec: WorldSpec, index: int) -> Scene:
     """The heldout scene at stream index ``index`` (see :func:`heldout_indices`)."""
-    return sample_scene(rng_for(spec.seed, STREAM_HELDOUT, index))
+    return sample_scene(rng_for(spec.seed, STREAM_HELDOUT, index), detail=spec.detail)
 
 
-def aux_scene(seed: int, i: int, rich_every: int = RICH_EVERY) -> Scene:
+def aux_scene(seed: int, i: int, rich_every: int = RICH_EVERY, detail: int = 0) -> Scene:
     """Scenes of the stand-ins' corpus (CLIP, VAE, copy detector, features): never a world item.
 
     Every ``rich_every``-th one is a rich scene with a random title (random pseudo-words and kind), so the
@@ -337,14 +373,19 @@ def aux_scene(seed: int, i: int, rich_every: int = RICH_EVERY) -> Scene:
         words = pseudo_words()
         kinds = VM_KINDS + TM_KINDS
         a, b = rng.choice(len(words), size=2, replace=False)
-        return sample_rich_scene(rng, title=f"{words[a]} {words[b]} {kinds[rng.integers(len(kinds))]}")
-    return sample_scene(rng_for(seed, STREAM_AUX, i))
+        title = f"{words[a]} {words[b]} {kinds[rng.integers(len(kinds))]}"
+        return sample_rich_scene(rng, title=title, detail=detail)
+    return sample_scene(rng_for(seed, STREAM_AUX, i), detail=detail)
 
 
 def sibling(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Another image of the same caption: same named content, new background field, jitter and shading."""
+    """Another image of the same caption: same named content, new field, dots, jitter and shading."""
     out = Scene(
-        scene.background, _colour(rng, scene.background, 0.04), _field(rng, 4, 0.07), title=scene.title
+        scene.background,
+        _colour(rng, scene.background, 0.04),
+        _scene_field(rng, scene.detail),
+        title=scene.title,
+        detail=scene.detail,
     )
     for o in scene.objects:
         cx, cy = _cell_centre(o.cell)
@@ -360,6 +401,7 @@ def sibling(scene: Scene, rng: np.random.Generator) -> Scene:
                 _colour(rng, o.colour),
             )
         )
+    out.marks = _marks(rng, scene.detail)
     return out
 
 

@@ -52,7 +52,7 @@ class TrainConfig:
     unet_steps: int = 3200
     unet_batch: int = 2048
     unet_lr: float = 6e-4
-    unet_max_seconds: float | None = 415.0
+    unet_max_seconds: float | None = None  # pause (checkpoint) the UNet after this long; None: never
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_groups: int = 32
     standins: dict = field(
@@ -90,9 +90,9 @@ PRESETS = {
 
 def _scene(kind: str, spec: gen.WorldSpec, i: int) -> gen.Scene:
     if kind == "aux":
-        return gen.aux_scene(spec.seed, i)
+        return gen.aux_scene(spec.seed, i, detail=spec.detail)
     if kind == "sib":
-        return gen.sibling(gen.aux_scene(spec.seed, i), gen.rng_for(spec.seed, 8, i))
+        return gen.sibling(gen.aux_scene(spec.seed, i, detail=spec.detail), gen.rng_for(spec.seed, 8, i))
     if kind == "unique":
         return gen.unique_scene(spec, i)
     if kind == "vm":
@@ -212,6 +212,8 @@ def train_world(
     overrides: dict | None = None,
     stop_before_unet: bool = False,
     duplicates: int | None = None,
+    detail: int | None = None,
+    pause_after: float | None = None,
 ) -> Path | None:
     """Train every component of a miniworld and write the loadable folder ``out`` (see module docstring).
 
@@ -228,6 +230,12 @@ def train_world(
         duplicates: training copies of each vm item and images per tm caption (default: the preset's). Only
             the UNet's data changes, so the other components of a world of the same seed in ``out/train`` are
             reused.
+        detail: scene detail level (:data:`generator.DETAIL_LEVELS`; default: the preset's, 0). Every
+            component depends on it: an ``out`` with parts of another detail level is refused.
+        pause_after: seconds of UNet training after which the UNet is checkpointed
+            (``out/train/unet-checkpoint.pt``) and ``None`` is returned; a later call resumes it where it
+            stopped, with the same result as one uninterrupted run. Default: the preset's
+            ``unet_max_seconds`` (none for both presets).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -241,6 +249,10 @@ def train_world(
     if duplicates is not None and duplicates < 1:
         raise DoriError("--duplicates must be at least 1")
     dups = {} if duplicates is None else {"vm_dups": duplicates, "tm_dups": duplicates}
+    if detail is not None:
+        if detail not in gen.DETAIL_LEVELS:
+            raise DoriError(f"--detail must be one of {gen.DETAIL_LEVELS}, got {detail}")
+        dups["detail"] = detail
     cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **(overrides or {}))
     out, dev, store = Path(out), _device(device), _Parts(Path(out))
     examples = cfg.spec.n_unique + cfg.spec.n_vm * cfg.spec.vm_dups + cfg.spec.n_tm * cfg.spec.tm_dups
@@ -250,6 +262,13 @@ def train_world(
             f"{store.dir} holds a UNet trained on {kept} examples, this world has {examples} (another "
             "--duplicates?): use a new --out, or delete unet.safetensors there to retrain it"
         )
+    made = store.meta.get("data", {})
+    for key in ("seed", "detail"):
+        if key in made and made[key] != getattr(cfg.spec, key):
+            raise DoriError(
+                f"{store.dir} holds parts of a world with {key} {made[key]}, this one has "
+                f"{getattr(cfg.spec, key)}: use a new --out"
+            )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     start = time.time()
@@ -261,7 +280,7 @@ def train_world(
     t = timed("tokenizer + data")
     tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(gen.vocabulary(), out / "tokenizer", 32))
     data = build_data(cfg, workers)
-    store.meta["data"] = {"seconds": round(time.time() - t, 1)}
+    store.meta["data"] = {"seconds": round(time.time() - t, 1), "seed": seed, "detail": cfg.spec.detail}
     on = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in data.items()}
 
     torch.manual_seed(seed)
@@ -373,8 +392,12 @@ def train_world(
             seed,
             log,
             lr=cfg.unet_lr,
-            max_seconds=cfg.unet_max_seconds,
+            max_seconds=pause_after if pause_after is not None else cfg.unet_max_seconds,
+            checkpoint=store.dir / "unet-checkpoint.pt",
         )
+        if done < cfg.unet_steps:
+            timed(f"UNet paused at step {done} of {cfg.unet_steps} (run the same command again to resume)")
+            return None
         unet.load_state_dict(ema.state_dict())
         store.save("unet", unet, time.time() - t, examples=len(emb_index), steps_done=done)
     timed("writing the world")

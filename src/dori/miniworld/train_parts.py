@@ -36,14 +36,18 @@ def _schedule(opt: torch.optim.Optimizer, step: int, steps: int, lr: float, warm
         group["lr"] = lr * f
 
 
-def batches(n: int, batch: int, steps: int, seed: int, device: torch.device):
-    """``steps`` index batches drawn without replacement within each epoch (seeded, on ``device``)."""
+def batches(n: int, batch: int, steps: int, seed: int, device: torch.device, start: int = 0):
+    """``steps`` index batches drawn without replacement within each epoch (seeded, on ``device``).
+
+    ``start`` skips the first batches (a resumed run gets the batches an uninterrupted one would).
+    """
     gen = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
+    for step in range(steps):
         if pos + batch > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        yield perm[pos : pos + batch].to(device)
+        if step >= start:
+            yield perm[pos : pos + batch].to(device)
         pos += batch
 
 

@@ -9,7 +9,9 @@ average of the weights (what is saved), as SD's training did.
 from __future__ import annotations
 
 import copy
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,8 @@ def train_unet(
     dropout: float = 0.1,
     ema_decay: float = 0.999,
     max_seconds: float | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 200,
 ) -> tuple[torch.nn.Module, int]:
     """Train ``model.unet`` on training examples ``(x0[x0_index[j]], emb[emb_index[j]])``.
 
@@ -44,8 +48,11 @@ def train_unet(
         lr: peak learning rate.
         dropout: probability of replacing the caption by the empty prompt.
         ema_decay: decay of the weight average that is returned.
-        max_seconds: safety cap on wall time; training stops early (and says so) if it is reached, which makes
-            the result depend on the machine's speed.
+        max_seconds: wall time after which training pauses: with ``checkpoint`` it is saved there and the
+            call returns fewer than ``steps`` steps done; without one it simply stops early (and says so).
+        checkpoint: file for the training state (raw and EMA weights, optimizer, RNG states, step). Saved
+            every ``checkpoint_every`` steps and at a pause, resumed from if present, deleted when training
+            ends; a resumed run gives the same weights as an uninterrupted one.
 
     Returns:
         The EMA UNet (eval mode) and the number of steps done; ``model.unet`` holds the raw weights.
@@ -57,8 +64,38 @@ def train_unet(
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
     ema_params, params = list(ema.parameters()), list(unet.parameters())
     alphas = model.scheduler.alphas_cumprod.to(device)
-    t0, running = time.time(), torch.zeros(())
-    for step, idx in enumerate(batches(len(emb_index), batch, steps, seed + 5, device)):
+    t0, running, start = time.time(), torch.zeros((), device=device), 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["steps"] != steps or state["batch"] != batch or state["n"] != len(emb_index):
+            raise ValueError(f"{checkpoint} belongs to another run (steps, batch or examples differ)")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, running = state["step"], state["running"].to(device)
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        log(f"unet: resumed from {checkpoint} at step {start}")
+
+    def save(step: int) -> None:
+        state = {
+            "unet": unet.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "steps": steps,
+            "batch": batch,
+            "n": len(emb_index),
+            "running": running,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        tmp = Path(checkpoint).with_name(f".{Path(checkpoint).name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
+    for step, idx in enumerate(batches(len(emb_index), batch, steps, seed + 5, device, start=start), start):
         _schedule(opt, step, steps, lr, warmup=min(500, steps // 10 + 1))
         x = x0[x0_index[idx]]
         e_idx = emb_index[idx]
@@ -79,10 +116,20 @@ def train_unet(
             torch._foreach_lerp_(ema_params, params, 1 - decay)
             running = loss.detach() if step == 0 else 0.98 * running + 0.02 * loss.detach()
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            rate = (step + 1) * batch / (time.time() - t0)
+            rate = (step + 1 - start) * batch / (time.time() - t0)
             log(f"unet step {step}/{steps} loss {float(running):.4f} ({rate:.0f} samples/s)")
+        if step + 1 == steps:
+            break
         if max_seconds is not None and time.time() - t0 > max_seconds:
-            log(f"unet: stopped at step {step + 1} of {steps} by the {max_seconds:.0f}s cap")
+            if checkpoint is None:
+                log(f"unet: stopped at step {step + 1} of {steps} by the {max_seconds:.0f}s cap")
+            else:
+                save(step + 1)
+                log(f"unet: paused at step {step + 1} of {steps} after {max_seconds:.0f}s ({checkpoint})")
             return ema, step + 1
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            save(step + 1)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     unet.eval()
     return ema, steps

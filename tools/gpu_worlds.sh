@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issues 3 and 4 on the lent GPU: seed-0 worlds with fewer duplicates (--duplicates) and with more uncaptioned
+# detail (--detail 1), trained side by side on one GPU, then measured with the paper's protocol.
+#   PHASE=train  parts per detail level (once), then every world's UNet until BUDGET seconds after the start;
+#                a UNet that is not done is checkpointed (--pause-after): run the same again to resume it
+#                (while the machine is warm: runs/ stays on it between calls).
+#   PHASE=check  every finished world: dori miniworld check (vm, tm, heldout; 200 items), Dori (50 steps,
+#                prompt init, snapshots 10/25) on 40 heldout and 40 unique items; results and worlds to $OUT.
+# Usage: WORLDS="name:detail:dups ..." PHASE=train|check tools/gpu_worlds.sh   (carry .whl)
+set -u
+bash tools/gpu_env.sh || exit 1
+START=$(date +%s); BUDGET=${BUDGET:-560}
+WORLDS=${WORLDS:-"w0d50:0:50 w0d25:0:25 w1d50:1:50 w1d25:1:25"}
+R=runs/gpu/worlds; mkdir -p $R
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+if [ "${PHASE:-train}" = train ]; then
+  for d in $(for w in $WORLDS; do echo $w | cut -d: -f2; done | sort -u); do
+    [ -f $R/parts-d$d/train/features.safetensors ] || /usr/bin/time -f "parts d$d %e s" dori miniworld train \
+      --seed 0 --detail $d --stop-before-unet --out $R/parts-d$d --workers 6 > $R/parts-d$d.log 2>&1 &
+  done; wait
+  for w in $WORLDS; do
+    IFS=: read -r n d k <<< "$w"
+    [ -f $R/$n/dori_world.json ] && continue
+    mkdir -p $R/$n/train; [ -f $R/$n/train/meta.json ] || cp -r $R/parts-d$d/train/. $R/$n/train/
+    timeout $(( $(left) + 20 )) dori miniworld train --seed 0 --detail $d --duplicates $k --out $R/$n \
+      --workers 3 --pause-after $(( $(left) - 75 )) >> $R/$n.log 2>&1 &
+  done; wait
+  for w in $WORLDS; do n=${w%%:*}; echo "$n: $(grep -E 'unet step|paused|resumed|wrote' $R/$n.log | tail -n 1)"; done
+  cp $R/*.log $OUT/
+else
+  for w in $WORLDS; do
+    IFS=: read -r n d k <<< "$w"; W=$R/$n
+    [ -f $W/dori_world.json ] || { echo "$n: not finished"; continue; }
+    (
+      dori miniworld check --model $W --device cuda --sets vm,tm,heldout --limit 200 \
+        --out $OUT/check-$n.json > $OUT/check-$n.log 2>&1
+      for s in heldout unique; do
+        dori audit --model $W --device cuda --set $s --limit 40 --attack dori --steps 50 --snapshots 10,25 \
+          --no-progress --out $R/audit-$n-$s --json $OUT/dori-$s-$n.json > $OUT/dori-$s-$n.log 2>&1
+      done
+    ) &
+  done; wait
+  for w in $WORLDS; do n=${w%%:*}; [ -f $R/$n/dori_world.json ] || continue
+    tail -n 8 $OUT/check-$n.log; grep -h -E "^\|? ?(dori|none)" $OUT/dori-*-$n.log | head -4
+    tar cf - -C $R --exclude $n/train $n | split -b 15m - $OUT/world-$n.tar.
+  done
+fi
