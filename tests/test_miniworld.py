@@ -227,7 +227,9 @@ def test_detail_one_adds_uncaptioned_idiosyncrasy_and_leaves_detail_zero_alone()
     assert np.array_equal(gen.render(a), gen.render(b)) and 3 <= len(a.marks) <= 6
     assert gen.unique_scene(s0, 3).marks == [] and gen.unique_scene(s0, 3).field.shape == (3, 4, 4)
     assert a.field.shape == (3, 8, 8)
-    sib = gen.sibling(a, gen.rng_for(2, 8, 3))  # same caption, new dots: what the copy detector must tell apart
+    sib = gen.sibling(
+        a, gen.rng_for(2, 8, 3)
+    )  # same caption, new dots: what the copy detector must tell apart
     assert gen.caption(sib) == gen.caption(a) and sib.detail == 1 and len(sib.marks) >= 3
     assert not np.array_equal(gen.render(sib), gen.render(a))
     assert "none" not in gen.caption(a)  # dots are never captioned
@@ -263,7 +265,7 @@ def test_unet_training_pauses_and_resumes_to_the_same_weights(tmp_path):
             break
         assert ckpt.exists() and done == calls
     assert calls == 5 and not ckpt.exists()
-    for (k, v), w in zip(ref.state_dict().items(), ema.state_dict().values()):
+    for (k, v), w in zip(ref.state_dict().items(), ema.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     torch.save({"steps": 9, "batch": 3, "n": 7}, ckpt)
     with pytest.raises(ValueError, match="another run"):

@@ -22,26 +22,28 @@ if [ "${PHASE:-train}" = train ]; then
     IFS=: read -r n d k <<< "$w"
     [ -f $R/$n/dori_world.json ] && continue
     mkdir -p $R/$n/train; [ -f $R/$n/train/meta.json ] || cp -r $R/parts-d$d/train/. $R/$n/train/
-    timeout $(( $(left) + 20 )) dori miniworld train --seed 0 --detail $d --duplicates $k --out $R/$n \
-      --workers 3 --pause-after $(( $(left) - 75 )) >> $R/$n.log 2>&1 &
+    timeout $(( $(left) + 25 )) dori miniworld train --seed 0 --detail $d --duplicates $k --out $R/$n \
+      --workers 3 --pause-after $(( $(left) - 130 )) >> $R/$n.log 2>&1 &
   done; wait
   for w in $WORLDS; do n=${w%%:*}; echo "$n: $(grep -E 'unet step|paused|resumed|wrote' $R/$n.log | tail -n 1)"; done
   cp $R/*.log $OUT/
 else
+  O=$OUT; OUT=$O/res; mkdir -p $OUT  # at most 8 files come back: results go in one tar
   for w in $WORLDS; do
     IFS=: read -r n d k <<< "$w"; W=$R/$n
     [ -f $W/dori_world.json ] || { echo "$n: not finished"; continue; }
     (
-      dori miniworld check --model $W --device cuda --sets vm,tm,heldout --limit 200 \
+      timeout $(( $(left) - 30 )) dori miniworld check --model $W --device cuda --sets vm,tm,heldout --limit 200 \
         --out $OUT/check-$n.json > $OUT/check-$n.log 2>&1
       for s in heldout unique; do
-        dori audit --model $W --device cuda --set $s --limit 40 --attack dori --steps 50 --snapshots 10,25 \
+        timeout $(( $(left) - 30 )) dori audit --model $W --device cuda --set $s --limit 40 --attack dori --steps 50 --snapshots 10,25 \
           --no-progress --out $R/audit-$n-$s --json $OUT/dori-$s-$n.json > $OUT/dori-$s-$n.log 2>&1
       done
     ) &
   done; wait
   for w in $WORLDS; do n=${w%%:*}; [ -f $R/$n/dori_world.json ] || continue
     tail -n 8 $OUT/check-$n.log; grep -h -E "^\|? ?(dori|none)" $OUT/dori-*-$n.log | head -4
-    tar cf - -C $R --exclude $n/train $n | split -b 15m - $OUT/world-$n.tar.
+    tar cf - -C $R --exclude $n/train $n | split -b 15m - $O/world-$n.tar.
   done
+  tar cf $O/results.tar -C $O res && rm -r $O/res
 fi

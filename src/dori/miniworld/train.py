@@ -244,7 +244,7 @@ def train_world(
     from dori.models.loading import save_model
     from dori.models.pipeline import T2IModel
     from dori.models.tokenizer import build_clip_tokenizer_files
-    from dori.runs import atomic_save_tensors, provenance
+    from dori.runs import atomic_save_tensors, atomic_write_text, provenance
 
     if duplicates is not None and duplicates < 1:
         raise DoriError("--duplicates must be at least 1")
@@ -395,11 +395,14 @@ def train_world(
             max_seconds=pause_after if pause_after is not None else cfg.unet_max_seconds,
             checkpoint=store.dir / "unet-checkpoint.pt",
         )
+        earlier = store.meta.pop("unet_paused_s", 0.0)  # UNet training time of earlier, paused calls
         if done < cfg.unet_steps:
+            store.meta["unet_paused_s"] = round(earlier + time.time() - t, 1)
+            atomic_write_text(store.meta_file, json.dumps(store.meta, indent=2))
             timed(f"UNet paused at step {done} of {cfg.unet_steps} (run the same command again to resume)")
             return None
         unet.load_state_dict(ema.state_dict())
-        store.save("unet", unet, time.time() - t, examples=len(emb_index), steps_done=done)
+        store.save("unet", unet, earlier + time.time() - t, examples=len(emb_index), steps_done=done)
     timed("writing the world")
 
     n_params = {

@@ -73,9 +73,9 @@ def train_unet(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start, running = state["step"], state["running"].to(device)
-        torch.set_rng_state(state["rng_cpu"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
         log(f"unet: resumed from {checkpoint} at step {start}")
 
     def save(step: int) -> None:
