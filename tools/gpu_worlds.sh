@@ -26,7 +26,7 @@ if [ "${PHASE:-train}" = train ]; then
       --workers 3 --pause-after $(( $(left) - 130 )) >> $R/$n.log 2>&1 &
   done; wait
   for w in $WORLDS; do n=${w%%:*}; echo "$n: $(grep -E 'unet step|paused|resumed|wrote' $R/$n.log | tail -n 1)"; done
-  cp $R/*.log $OUT/
+  tar cf $OUT/train-logs.tar -C $R $(cd $R && ls *.log)  # at most 8 files come back
 else
   O=$OUT; OUT=$O/res; mkdir -p $OUT  # at most 8 files come back: results go in one tar
   for w in $WORLDS; do
