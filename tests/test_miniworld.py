@@ -40,7 +40,7 @@ def test_generator_is_deterministic_and_seeded():
 
 def test_default_world_sets_sizes_and_titles():
     spec = gen.WorldSpec()
-    assert spec.n_vm >= 32 and spec.n_tm >= 32 and spec.n_heldout >= 1000 and spec.vm_dups >= 100
+    assert spec.n_vm >= 32 and spec.n_tm >= 32 and spec.n_heldout >= 1000 and spec.vm_dups >= 50
     vm, tm = gen.titles(spec)
     assert len(vm) == spec.n_vm and len(tm) == spec.n_tm
     assert len(set(vm) | set(tm)) == spec.n_vm + spec.n_tm  # all distinct
@@ -222,7 +222,7 @@ def test_train_duplicates_option_sets_the_copies_of_vm_and_tm(tmp_path, monkeypa
 
 
 def test_detail_one_adds_uncaptioned_idiosyncrasy_and_leaves_detail_zero_alone():
-    s0, s1 = gen.WorldSpec(seed=2), gen.WorldSpec(seed=2, detail=1)
+    s0, s1 = gen.WorldSpec(seed=2, detail=0), gen.WorldSpec(seed=2, detail=1)
     a, b = gen.unique_scene(s1, 3), gen.unique_scene(s1, 3)
     assert np.array_equal(gen.render(a), gen.render(b)) and 3 <= len(a.marks) <= 6
     assert gen.unique_scene(s0, 3).marks == [] and gen.unique_scene(s0, 3).field.shape == (3, 4, 4)

@@ -31,14 +31,14 @@ def add_parser(sub) -> None:
         "--duplicates",
         type=int,
         default=None,
-        help="training copies of each vm item and images of each tm caption (default 200; the tiny world 50)",
+        help="training copies of each vm item and images of each tm caption (default 50)",
     )
     t.add_argument(
         "--detail",
         type=int,
         default=None,
         choices=(0, 1),
-        help="scene detail: 0 (default, the shipped world) or 1 (finer field and uncaptioned dots)",
+        help="scene detail: 1 (default, the shipped world: finer field, uncaptioned dots) or 0 (plainer)",
     )
     t.add_argument(
         "--pause-after",

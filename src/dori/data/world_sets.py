@@ -62,7 +62,7 @@ def world_set(world_dir: Path, name: str) -> list[Item] | None:
             ).with_image(images[i].float() / 255.0)
             for i, p in enumerate(prompts)
         ]
-    spec = gen.WorldSpec(**info["spec"])
+    spec = gen.WorldSpec(**{"detail": 0, **info["spec"]})  # worlds written before detail levels: 0
     if name == "unique":
         indices, scene_of = list(range(spec.n_unique)), gen.unique_scene
     else:

@@ -311,9 +311,9 @@ class WorldSpec:
     n_tm: int = 32
     n_unique: int = 40000
     n_heldout: int = 1000
-    vm_dups: int = 200
-    tm_dups: int = 200
-    detail: int = 0  # 0: the shipped world's scenes; 1: finer field and uncaptioned dots (see module doc)
+    vm_dups: int = 50
+    tm_dups: int = 50
+    detail: int = 1  # 1 (the shipped world): finer field and uncaptioned dots; 0: the first worlds' scenes
 
 
 @lru_cache(maxsize=16)

@@ -65,7 +65,7 @@ class TrainConfig:
 PRESETS = {
     "full": TrainConfig(),
     "tiny": TrainConfig(
-        spec=gen.WorldSpec(n_vm=4, n_tm=2, n_unique=200, n_heldout=40, vm_dups=50, tm_dups=50),
+        spec=gen.WorldSpec(n_vm=4, n_tm=2, n_unique=200, n_heldout=40, vm_dups=50, tm_dups=50, detail=0),
         n_aux=1500,
         n_calib=200,
         clip_steps=150,
@@ -230,7 +230,8 @@ def train_world(
         duplicates: training copies of each vm item and images per tm caption (default: the preset's). Only
             the UNet's data changes, so the other components of a world of the same seed in ``out/train`` are
             reused.
-        detail: scene detail level (:data:`generator.DETAIL_LEVELS`; default: the preset's, 0). Every
+        detail: scene detail level (:data:`generator.DETAIL_LEVELS`; default: the preset's, 1 for ``full``, 0 for
+            ``tiny``). Every
             component depends on it: an ``out`` with parts of another detail level is refused.
         pause_after: seconds of UNet training after which the UNet is checkpointed
             (``out/train/unet-checkpoint.pt``) and ``None`` is returned; a later call resumes it where it
