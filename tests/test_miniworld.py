@@ -268,7 +268,9 @@ def test_unet_training_pauses_and_resumes_to_the_same_weights(tmp_path):
     for (k, v), w in zip(ref.state_dict().items(), ema.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     torch.save({"steps": 9, "batch": 3, "n": 7}, ckpt)
-    with pytest.raises(ValueError, match="another run"):
+    from dori.errors import DoriError
+
+    with pytest.raises(DoriError, match="another run"):
         run(None, ckpt)
 
 

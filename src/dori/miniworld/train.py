@@ -230,9 +230,8 @@ def train_world(
         duplicates: training copies of each vm item and images per tm caption (default: the preset's). Only
             the UNet's data changes, so the other components of a world of the same seed in ``out/train`` are
             reused.
-        detail: scene detail level (:data:`generator.DETAIL_LEVELS`; default: the preset's, 1 for ``full``, 0 for
-            ``tiny``). Every
-            component depends on it: an ``out`` with parts of another detail level is refused.
+        detail: scene detail level (:data:`generator.DETAIL_LEVELS`; default: the preset's, 1 for ``full``,
+            0 for ``tiny``). Every component depends on it: an ``out`` with parts of another level is refused.
         pause_after: seconds of UNet training after which the UNet is checkpointed
             (``out/train/unet-checkpoint.pt``) and ``None`` is returned; a later call resumes it where it
             stopped, with the same result as one uninterrupted run. Default: the preset's

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dori.errors import DoriError
 from dori.miniworld.train_parts import Log, _autocast, _schedule, batches
 from dori.models.pipeline import T2IModel
 
@@ -68,7 +69,9 @@ def train_unet(
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["steps"] != steps or state["batch"] != batch or state["n"] != len(emb_index):
-            raise ValueError(f"{checkpoint} belongs to another run (steps, batch or examples differ)")
+            raise DoriError(
+                f"{checkpoint} belongs to another run (steps, batch or examples differ): delete it to start over"
+            )
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
