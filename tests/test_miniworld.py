@@ -147,7 +147,7 @@ def test_miniworld_info_command(micro_world, capsys):
 
     assert main(["miniworld", "info", "--model", str(micro_world)]) == 0
     out = capsys.readouterr().out
-    assert "set vm" in out and "threshold" in out
+    assert "set vm" in out and "threshold" in out and "scene detail 1" in out
 
 
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():

@@ -101,7 +101,9 @@ def run_info(args) -> int:
         return 0
     cd, tr = info["copy_detector"], info["training"]
     print(f"miniworld {world}")
-    print(f"  seed {info['seed']} ({info['preset']}), images {info['image_size']}x{info['image_size']} RGB")
+    detail = info.get("spec", {}).get("detail", 0)  # worlds written before detail levels are level 0
+    size = info["image_size"]
+    print(f"  seed {info['seed']} ({info['preset']}), scene detail {detail}, images {size}x{size} RGB")
     for name, s in info["sets"].items():
         print(f"  set {name:8s} {s['n']:6d} items, {s['duplicates']} training copies each")
     print("  parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in info["params"].items()))
