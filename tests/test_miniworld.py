@@ -281,3 +281,22 @@ def test_train_refuses_parts_of_another_detail_level(tmp_path):
     kept.mkdir(parents=True)
     (kept / "meta.json").write_text('{"data": {"seed": 0, "detail": 0}}')
     assert main(["miniworld", "train", "--tiny", "--detail", "1", "--out", str(tmp_path / "w")]) == 2
+
+
+def test_detail_zero_renders_world_v1_and_the_defaults_render_the_shipped_world():
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from dori.models.loading import resolve
+
+    # sha256 of world v1's first 4 vm images (sets/vm.safetensors as shipped until commit 95246cb)
+    v1 = gen.WorldSpec(seed=0, detail=0, vm_dups=200, tm_dups=200)
+    images = gen.render_many([gen.vm_scene(v1, i) for i in range(4)])
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+    assert digest == "9f8b81227196f45faaf5d052d838365bdc63946f6005296b5da4bd30fbeaa604"
+    shipped = resolve("miniworld")
+    info = json.loads((shipped / "dori_world.json").read_text())
+    assert gen.WorldSpec(**{"detail": 0, **info["spec"]}) == gen.WorldSpec(seed=0)  # defaults = shipped world
+    vm = load_file(str(shipped / "sets" / "vm.safetensors"))["images"].numpy()
+    assert np.array_equal(vm[:4], gen.render_many([gen.vm_scene(gen.WorldSpec(seed=0), i) for i in range(4)]))
