@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
         type=int,
         default=DEMO_ITEMS,
         help=f"first K items of the memorized and non-memorized sets (default {DEMO_ITEMS}, which keeps the "
-        "demo near 10 minutes on 2 CPU cores; 0: all 40, the full Table 1)",
+        "demo near 10 minutes on 2 CPU cores; 0: all 40 vm items and the first 40 unique ones)",
     )
     p.add_argument(
         "--n-utility", type=int, default=DEMO_UTILITY, help=f"FID/KID prompts (default {DEMO_UTILITY})"

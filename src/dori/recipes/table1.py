@@ -79,6 +79,7 @@ class Table1Config:
     utility_set: str = "heldout"
     n_utility: int = 200
     limit: int | None = None
+    nonmem_limit: int = 40  # items of the non-memorized set when ``limit`` is None (a world has 40,000)
     n_gens: int = 10
     dori_steps: int = 50
     snapshots: str = "1,10,25"
@@ -161,10 +162,11 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
         *(["--fast"] if cfg.fast else []),
     ]
     utility = ["--utility-set", cfg.utility_set, "--n-utility", str(cfg.n_utility)]
+    nonmem_limit = [] if cfg.limit else ["--limit", str(cfg.nonmem_limit)]
     parts = {
         "nemo": ["audit", *audit, "--set", cfg.mem_set, "--mitigation", f"nemo:{out / 'nemo'}", *utility],
         "wanda": ["audit", *audit, "--set", cfg.mem_set, "--mitigation", f"wanda:{out / 'wanda'}", *utility],
-        "nonmem": ["audit", *audit, "--set", cfg.nonmem_set],
+        "nonmem": ["audit", *audit, "--set", cfg.nonmem_set, *nonmem_limit],
     }
     results = {}
     for name, args in parts.items():
