@@ -2,7 +2,7 @@
 
 A *scene* is a 32x32 RGB image: a background colour with an idiosyncratic low-frequency random field (not
 described by the caption) and 1-3 objects (shape, colour, size, one of 3x3 positions, with jitter). Worlds of
-``detail`` 1 add more idiosyncrasy that no caption describes: a finer, stronger field (8x8) and 3-6 small dots
+``detail`` 1 add more idiosyncrasy that no caption describes: a finer field (8x8, same amplitude) and 3-6 dots
 of random colour at random places (``Scene.marks``), drawn under the objects. Its caption
 is generated from the scene ("a large red circle at top left and a small blue square at bottom on a green
 background"), so the diffusion model has to follow the text, and two images of one caption differ in their
