@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dori.cli import main
 from dori.errors import DoriError
@@ -61,9 +63,14 @@ def test_folder_of_the_wrong_kind(tmp_path):
         load_mitigation(f"wanda:{tmp_path}")
 
 
-def _items_file(tmp_path):
+def _items_file(tmp_path, images: bool = False):
     path = tmp_path / "items.jsonl"
     rows = [{"id": "a", "prompt": "a red circle on blue"}, {"id": "b", "prompt": "two yellow stars"}]
+    if images:
+        rng = np.random.default_rng(0)
+        for row in rows:
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{row['id']}.png")
+            row["image"] = f"{row['id']}.png"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)
 
@@ -104,3 +111,29 @@ def test_mitigate_nemo_cli(tmp_path):
     stamp = result_file.stat().st_mtime_ns
     assert main(argv) == 0  # resumed: the items are not searched again
     assert result_file.stat().st_mtime_ns == stamp and load_mitigation(f"nemo:{out}").items == fitted.items
+
+
+def test_mitigate_nemo_iterative_cli_writes_rounds_and_resumes(tmp_path, capsys):
+    out = tmp_path / "nemo-it"
+    assert main(["mitigate", "nemo", "--model", "tiny-random", "--set", _items_file(tmp_path), "--out",
+                 str(tmp_path / "no-images"), "--iterative", "2", "--tau", "0.05", "--no-progress",
+                 "--calibration-set", _items_file(tmp_path)]) == 2  # fmt: skip
+    assert "have none (a, b)" in capsys.readouterr().err
+    items = _items_file(tmp_path, images=True)
+    argv = ["mitigate", "nemo", "--model", "tiny-random", "--set", items, "--out", str(out),
+            "--n-seeds", "3", "--theta-start", "1.5", "--tau", "0.05", "--no-progress", "--device", "cpu",
+            "--calibration-set", items, "--dori-steps", "2", "--json", str(tmp_path / "s.json"),
+            "--iterative", "2"]  # fmt: skip
+    assert main(argv) == 0
+    rounds = [load_mitigation(f"nemo:{out}/round-{r}") for r in (1, 2)]
+    assert [r.config["round"] for r in rounds] == [1, 2]
+    for i in ("a", "b"):  # neuron sets only grow from round to round
+        assert all(set(v) <= set(rounds[1].items[i].refined.get(k, [])) for k, v in rounds[0].items[i].refined.items())
+    assert load_mitigation(f"nemo:{out}").items == rounds[1].items  # DIR itself is the last round
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert [r["round"] for r in summary["iterative"]] == [1, 2]
+    stamp = (out / "round-1" / "nemo.json").stat().st_mtime_ns
+    assert main([*argv[:-1], "3"]) == 0  # one more round: rounds 1-2 are reused
+    assert "resuming after round 2" in capsys.readouterr().err
+    assert (out / "round-1" / "nemo.json").stat().st_mtime_ns == stamp and (out / "round-3").is_dir()
+    assert main([*argv[:-5], "3", *argv[-4:]]) == 2  # other Dori steps in the same folder are refused

@@ -355,3 +355,23 @@ def test_layer_targets_on_sd_architectures(arch):
         Calibration(means, stds, 0.358, 0.070).check(SimpleNamespace(unet=unet))
     else:
         assert {get_module(unet, n).in_features for n in layers} == {1024}
+
+
+def test_iterative_nemo_resumes_from_finished_rounds(tiny, calib):
+    nemo = _small(tau=0.05)
+    y = tiny.encode_text(PROMPTS[:2])
+
+    def search(r, blocked):
+        return y + 0.5 * torch.randn(y.shape, generator=torch.Generator().manual_seed(r))
+
+    full = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=3, calibration=calib)
+    saved = []
+    first = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=1, calibration=calib, on_round=saved.append)
+    assert len(saved) == 1
+    resumed = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=3, calibration=calib, done=first)
+    assert len(resumed) == 3 and resumed[0] is first[0]
+    for a, b in zip(full, resumed, strict=True):
+        assert {k: v.refined for k, v in a.result.items.items()} == {k: v.refined for k, v in b.result.items.items()}
+        torch.testing.assert_close(a.embeddings, b.embeddings)
+    with pytest.raises(DoriError, match="other items"):
+        iterative_nemo(nemo, tiny, ["a", "c"], y, search, rounds=2, calibration=calib, done=first)

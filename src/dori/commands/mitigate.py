@@ -48,6 +48,13 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--calibration-limit", type=int, default=None, help="first K calibration prompts")
     g.add_argument("--chunk", type=int, default=8, help="items searched together (then saved)")
+    g.add_argument(
+        "--iterative", type=int, default=1, metavar="R",
+        help="iterative NeMo (Finding Dori, Appendix H.6; the paper runs 5): R rounds of prune, search new Dori "
+        "embeddings against the pruned model, prune again; writes round-1 .. round-R (each loadable as "
+        "nemo:DIR/round-r) and the last round as DIR",
+    )  # fmt: skip
+    g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per round of --iterative")
     g = p.add_argument_group("Wanda (seed default 0)")
     g.add_argument("--sparsity", type=float, default=0.01, help="top share per row (0.01; 0.02-0.10)")
     g.add_argument("--timesteps", type=int, default=10, help="union over the first N UNet calls")
@@ -93,7 +100,8 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
         batch_size=args.batch_size or 64,
     )  # fmt: skip
     settings = {k: v for k, v in nemo.settings().items() if k not in ("batch_size", "cache_dir")}
-    run = RunDir(args.out, {**common, **settings, "calibration_set": args.calibration_set})
+    iterative = {"iterative": True, "dori_steps": args.dori_steps} if args.iterative > 1 else {}
+    run = RunDir(args.out, {**common, **settings, "calibration_set": args.calibration_set, **iterative})
     calib_file = run.path / "calibration.safetensors"
     if calib_file.exists():
         calib = Calibration.load(calib_file)
@@ -109,6 +117,8 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
     source = calib.info.get("source", "computed")
     count = f", {calib.info['prompts']} prompts" if "prompts" in calib.info else ""
     print(f"tau_mem = {nemo.threshold(calib):.4f} ({source}{count})", file=sys.stderr)
+    if args.iterative > 1:
+        return _run_iterative(args, model, items, nemo, calib, settings, run)
     todo = [it for it in items if not run.has(f"item.{it.id}")]
     bar = _progress(args, len(items), "nemo")
     bar.update(len(items) - len(todo))
@@ -142,6 +152,73 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
     total = sum(s["neurons"] for s in summary["items"].values())
     print(f"NeMo: {n_mem}/{len(items)} items memorized, {total} neurons in all; written to {run.path}")
     write_json(args.json, summary)
+    return 0
+
+
+def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
+    """Iterative NeMo, one round at a time; finished rounds (``round-r/``) are reused when resumed."""
+    import torch
+
+    from dori.attacks.dori import Dori
+    from dori.audit import resize_to
+    from dori.evaluation import dori_seed
+    from dori.mitigations.nemo_result import NeMoResult, NeMoRound, iterative_nemo, make_dori_search
+    from dori.runs import atomic_save_tensors, load_tensors
+
+    if args.iterative < 1 or args.dori_steps < 1:
+        raise DoriError("--iterative and --dori-steps must be at least 1")
+    missing = [it.id for it in items if it.image is None]
+    if missing:
+        raise DoriError(
+            f"iterative NeMo searches Dori embeddings for the training images; {len(missing)} item(s) have "
+            f"none ({', '.join(missing[:5])}): give the set's images or drop those items"
+        )
+    ids = [it.id for it in items]
+    done = []
+    for r in range(1, args.iterative + 1):
+        folder = run.path / f"round-{r}"
+        if not (folder / "nemo.json").exists() or not (folder / "embeddings.safetensors").exists():
+            break
+        done.append(NeMoRound(NeMoResult.load(folder), load_tensors(folder / "embeddings.safetensors")["y"]))
+    if done:
+        print(f"iterative NeMo: resuming after round {len(done)}", file=sys.stderr)
+    images = torch.stack([resize_to(it.image, model.image_size) for it in items])
+    x0 = model.encode_images(images)
+    prompts = model.encode_text([it.prompt for it in items])
+    seeds = [dori_seed(0, i) for i in range(len(items))]
+    search = make_dori_search(Dori(steps=args.dori_steps), model, x0, prompts, seeds)
+
+    def save(rnd: NeMoRound) -> None:
+        r = rnd.result.config["round"]
+        folder = run.path / f"round-{r}"
+        folder.mkdir(exist_ok=True)
+        atomic_save_tensors(folder / "embeddings.safetensors", {"y": rnd.embeddings})
+        rnd.result.provenance = run.provenance
+        rnd.result.save(folder)
+        n_mem = sum(v.memorized for v in rnd.result.items.values())
+        total = sum(len(v) for it in rnd.result.items.values() for v in it.refined.values())
+        print(f"round {r}: {n_mem}/{len(ids)} items flagged, {total} neurons in all", file=sys.stderr)
+
+    bar = _progress(args, args.iterative, "iterative nemo")
+    bar.update(len(done))
+    rounds = iterative_nemo(
+        nemo, model, ids, prompts, search, rounds=args.iterative, calibration=calib,
+        progress=lambda r: bar.update(r - bar.n), done=done, on_round=save,
+    )  # fmt: skip
+    bar.close()
+    final = rounds[-1].result
+    final.provenance = run.provenance
+    final.save(run.path)
+    per_round = [
+        {
+            "round": r + 1,
+            "flagged": sum(v.memorized for v in rnd.result.items.values()),
+            "neurons": sum(len(v) for it in rnd.result.items.values() for v in it.refined.values()),
+        }
+        for r, rnd in enumerate(rounds)
+    ]
+    print(f"iterative NeMo: {args.iterative} rounds; the last round's neurons written to {run.path}")
+    write_json(args.json, {"method": "nemo", "out": str(run.path), "iterative": per_round, **settings})
     return 0
 
 

@@ -165,6 +165,8 @@ def iterative_nemo(
     rounds: int = 5,
     calibration: Calibration | None = None,
     progress: Callable[[int], None] | None = None,
+    done: Sequence[NeMoRound] = (),
+    on_round: Callable[[NeMoRound], None] | None = None,
 ) -> list[NeMoRound]:
     """Iterative NeMo (Finding Dori, Appendix H.6): prune, search new triggers, prune again.
 
@@ -173,6 +175,11 @@ def iterative_nemo(
     embeddings (N, tokens, dim) found against the model with ``blocked[i]`` blocked for item i (e.g. Dori
     from the prompt embedding, see :func:`make_dori_search`). Round 1 starts from ``cond`` (the prompts).
 
+    Args:
+        done: rounds finished earlier (a resumed run): their neuron sets and last embeddings are the state
+            the next round starts from, and they are returned first.
+        on_round: called with each new round when it is finished (to save it).
+
     Returns:
         One :class:`NeMoRound` per round: cumulative neuron sets (NeMoResult) and that round's embeddings.
     """
@@ -180,8 +187,14 @@ def iterative_nemo(
     calib = calibration or nemo.calibrate(model)
     blocked: list[dict[str, list[int]]] = [{} for _ in ids]
     emb = cond
-    out = []
-    for r in range(rounds):
+    out = list(done)
+    if done:
+        last = done[-1]
+        if sorted(last.result.items) != sorted(ids) or last.embeddings.shape[0] != len(ids):
+            raise DoriError("the finished rounds of iterative NeMo are for other items")
+        blocked = [{k: list(v) for k, v in last.result.items[i].refined.items()} for i in ids]
+        emb = last.embeddings
+    for r in range(len(done), rounds):
         found = nemo.detect(model, emb, calib, ids, base_blockings=blocked)
         blocked = [merge_blockings(b, item.refined) for b, item in zip(blocked, found, strict=True)]
         for item, b in zip(found, blocked, strict=True):
@@ -194,6 +207,8 @@ def iterative_nemo(
             config={**nemo.settings(), "round": r + 1}, calibration=dict(calib.info, tau=nemo.threshold(calib)),
         )  # fmt: skip
         out.append(NeMoRound(result, emb))
+        if on_round is not None:
+            on_round(out[-1])
         if progress is not None:
             progress(r + 1)
     return out
