@@ -37,7 +37,8 @@ wanda)
   for spec in "g-prompt --group prompt" "g-10 --group 10" "g-all --group all" "t1 --timesteps 1" "t20 --timesteps 20" \
       "t50 --timesteps 50" "s02 --sparsity 0.02" "s03 --sparsity 0.03" "s04 --sparsity 0.04" "s05 --sparsity 0.05" \
       "s10 --sparsity 0.10"; do
-    set -- $spec; n=$1; shift; fit $n "$@"; aud $n
+    set -- $spec; n=$1; shift; [ -f $R/audit-w-$n.json ] && continue  # a second call goes on where the first stopped
+    fit $n "$@"; aud $n
   done ;;
 esac
 ls -la $OUT
