@@ -69,7 +69,9 @@ def _items_file(tmp_path, images: bool = False):
     if images:
         rng = np.random.default_rng(0)
         for row in rows:
-            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{row['id']}.png")
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
+                tmp_path / f"{row['id']}.png"
+            )
             row["image"] = f"{row['id']}.png"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)
@@ -128,7 +130,10 @@ def test_mitigate_nemo_iterative_cli_writes_rounds_and_resumes(tmp_path, capsys)
     rounds = [load_mitigation(f"nemo:{out}/round-{r}") for r in (1, 2)]
     assert [r.config["round"] for r in rounds] == [1, 2]
     for i in ("a", "b"):  # neuron sets only grow from round to round
-        assert all(set(v) <= set(rounds[1].items[i].refined.get(k, [])) for k, v in rounds[0].items[i].refined.items())
+        assert all(
+            set(v) <= set(rounds[1].items[i].refined.get(k, []))
+            for k, v in rounds[0].items[i].refined.items()
+        )
     assert load_mitigation(f"nemo:{out}").items == rounds[1].items  # DIR itself is the last round
     summary = json.loads((tmp_path / "s.json").read_text())
     assert [r["round"] for r in summary["iterative"]] == [1, 2]

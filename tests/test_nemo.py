@@ -366,12 +366,16 @@ def test_iterative_nemo_resumes_from_finished_rounds(tiny, calib):
 
     full = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=3, calibration=calib)
     saved = []
-    first = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=1, calibration=calib, on_round=saved.append)
+    first = iterative_nemo(
+        nemo, tiny, ["a", "b"], y, search, rounds=1, calibration=calib, on_round=saved.append
+    )
     assert len(saved) == 1
     resumed = iterative_nemo(nemo, tiny, ["a", "b"], y, search, rounds=3, calibration=calib, done=first)
     assert len(resumed) == 3 and resumed[0] is first[0]
     for a, b in zip(full, resumed, strict=True):
-        assert {k: v.refined for k, v in a.result.items.items()} == {k: v.refined for k, v in b.result.items.items()}
+        assert {k: v.refined for k, v in a.result.items.items()} == {
+            k: v.refined for k, v in b.result.items.items()
+        }
         torch.testing.assert_close(a.embeddings, b.embeddings)
     with pytest.raises(DoriError, match="other items"):
         iterative_nemo(nemo, tiny, ["a", "c"], y, search, rounds=2, calibration=calib, done=first)
