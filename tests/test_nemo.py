@@ -379,3 +379,20 @@ def test_iterative_nemo_resumes_from_finished_rounds(tiny, calib):
         torch.testing.assert_close(a.embeddings, b.embeddings)
     with pytest.raises(DoriError, match="other items"):
         iterative_nemo(nemo, tiny, ["a", "c"], y, search, rounds=2, calibration=calib, done=first)
+
+
+def test_dori_search_batches_items_with_their_own_neurons(tiny):
+    from dori.attacks.dori import Dori
+    from dori.mitigations.nemo_result import make_dori_search
+
+    layers = value_layers(tiny.unet)
+    x0 = tiny.encode_images(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    y = tiny.encode_text(PROMPTS[:3])
+    blocked = [{layers[0]: [0, 3, 5]}, {}, {layers[0]: [1], layers[-1]: [2, 4]}]
+    dori = Dori(steps=3, batch_size=4, max_micro_batch=8)  # two items per UNet batch: groups of 2 and 1
+    got = make_dori_search(dori, tiny, x0, y, [11, 12, 13])(1, blocked)
+    for i, b in enumerate(blocked):  # one item at a time, its neurons blocked for the whole model
+        with scale_output_channels(tiny.unet, b, 0.0):
+            alone = dori(tiny, x0[i : i + 1], y[i : i + 1], [11 + i + 1]).embeddings
+        torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[0], make_dori_search(dori, tiny, x0, y, [11, 12, 13])(1, [{}, {}, {}])[0])

@@ -217,14 +217,30 @@ def iterative_nemo(
 def make_dori_search(
     dori: Callable, model: T2IModel, x0: torch.Tensor, init: torch.Tensor, seeds: Sequence[int]
 ) -> Callable[[int, list[dict[str, list[int]]]], torch.Tensor]:
-    """A ``search`` for :func:`iterative_nemo`: run ``dori`` (a :class:`dori.attacks.dori.Dori`) per item,
-    from ``init[i]``, against the model with that item's neurons blocked; round r uses seed ``seeds[i] + r``."""
+    """A ``search`` for :func:`iterative_nemo`: run ``dori`` (a :class:`dori.attacks.dori.Dori`) for every item,
+    from ``init[i]``, against the model with that item's neurons blocked; round r uses seed ``seeds[i] + r``.
+
+    Items are searched together, as many as one of Dori's UNet batches holds (``max_micro_batch //
+    batch_size``), each row of the batch with its own item's neurons blocked
+    (:func:`rowwise_scale_output_channels`). Dori's items do not interact, so this gives the embeddings of
+    searching them one at a time.
+    """
 
     def search(r: int, blocked: list[dict[str, list[int]]]) -> torch.Tensor:
+        b = dori.batch_size
+        per_call = max(1, dori.max_micro_batch // b)
         out = []
-        for i, b in enumerate(blocked):
-            with scale_output_channels(model.unet, {k: v for k, v in b.items() if v}, 0.0):
-                res = dori(model, x0[i : i + 1], init[i : i + 1], [int(seeds[i]) + r])
+        for lo in range(0, len(blocked), per_call):
+            group = list(range(lo, min(len(blocked), lo + per_call)))
+            mults = {}
+            for layer in sorted({k for i in group for k, v in blocked[i].items() if v}):
+                mult = torch.ones(len(group) * b, get_module(model.unet, layer).out_features)
+                for pos, i in enumerate(group):
+                    if blocked[i].get(layer):
+                        mult[pos * b : (pos + 1) * b, blocked[i][layer]] = 0.0
+                mults[layer] = mult
+            with rowwise_scale_output_channels(model.unet, mults):
+                res = dori(model, x0[group], init[group], [int(seeds[i]) + r for i in group])
             out.append(res.embeddings)
         return torch.cat(out)
 
