@@ -162,7 +162,13 @@ def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
     from dori.attacks.dori import Dori
     from dori.audit import resize_to
     from dori.evaluation import dori_seed
-    from dori.mitigations.nemo_result import NeMoResult, NeMoRound, iterative_nemo, make_dori_search
+    from dori.mitigations.nemo_result import (
+        NeMoResult,
+        NeMoRound,
+        iterative_nemo,
+        make_dori_search,
+        neuron_count,
+    )
     from dori.runs import atomic_save_tensors, load_tensors
 
     if args.iterative < 1 or args.dori_steps < 1:
@@ -196,8 +202,10 @@ def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
         rnd.result.provenance = run.provenance
         rnd.result.save(folder)
         n_mem = sum(v.memorized for v in rnd.result.items.values())
-        total = sum(len(v) for it in rnd.result.items.values() for v in it.refined.values())
-        print(f"round {r}: {n_mem}/{len(ids)} items flagged, {total} neurons in all", file=sys.stderr)
+        print(
+            f"round {r}: {n_mem}/{len(ids)} items flagged, {neuron_count(rnd.result)} neurons in all",
+            file=sys.stderr,
+        )
 
     bar = _progress(args, args.iterative, "iterative nemo")
     bar.update(len(done))
@@ -213,7 +221,7 @@ def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
         {
             "round": r + 1,
             "flagged": sum(v.memorized for v in rnd.result.items.values()),
-            "neurons": sum(len(v) for it in rnd.result.items.values() for v in it.refined.values()),
+            "neurons": neuron_count(rnd.result),
         }
         for r, rnd in enumerate(rounds)
     ]

@@ -98,18 +98,11 @@ class NeMoResult:
     def applied_rows(self, model: T2IModel, row_ids: Sequence[str]) -> Iterator[None]:
         """Per-item neurons for items sharing one UNet batch: row r runs with item ``row_ids[r]``'s neurons
         blocked (the same as :meth:`applied` for that item alone, without a loop over items)."""
-        layers = {lay for i in dict.fromkeys(row_ids) for lay, v in self.neurons([i]).items() if v}
+        sets = {i: self.neurons([i]) for i in dict.fromkeys(row_ids)}
         scale = float(self.config.get("scale", 0.0))
-        mults = {}
-        for lay in layers:
-            width = get_module(model.unet, lay).out_features
-            mult = torch.ones(len(row_ids), width)
-            for r, item in enumerate(row_ids):
-                idx = self.neurons([item]).get(lay, [])
-                if idx:
-                    mult[r, idx] = scale
-            mults[lay] = mult
-        with rowwise_scale_output_channels(model.unet, mults):
+        with rowwise_scale_output_channels(
+            model.unet, row_multipliers(model.unet, [sets[i] for i in row_ids], scale)
+        ):
             yield
 
     def save(self, folder: str | Path) -> Path:
@@ -146,6 +139,26 @@ class NeMoResult:
             data.get("calibration", {}),
             data.get("provenance", {}),
         )
+
+
+def row_multipliers(
+    unet: torch.nn.Module, rows: Sequence[dict[str, list[int]]], scale: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Per-row channel multipliers for :func:`rowwise_scale_output_channels`: row r scales the neurons
+    ``rows[r]`` (layer -> indices) by ``scale`` and leaves every other channel at 1."""
+    mults = {}
+    for layer in sorted({k for row in rows for k, v in row.items() if v}):
+        mult = torch.ones(len(rows), get_module(unet, layer).out_features)
+        for r, row in enumerate(rows):
+            if row.get(layer):
+                mult[r, row[layer]] = scale
+        mults[layer] = mult
+    return mults
+
+
+def neuron_count(result: NeMoResult) -> int:
+    """Neurons over all items' sets (an item's neurons count once per item that blocks them)."""
+    return sum(len(v) for item in result.items.values() for v in item.refined.values())
 
 
 @dataclass
@@ -232,13 +245,7 @@ def make_dori_search(
         out = []
         for lo in range(0, len(blocked), per_call):
             group = list(range(lo, min(len(blocked), lo + per_call)))
-            mults = {}
-            for layer in sorted({k for i in group for k, v in blocked[i].items() if v}):
-                mult = torch.ones(len(group) * b, get_module(model.unet, layer).out_features)
-                for pos, i in enumerate(group):
-                    if blocked[i].get(layer):
-                        mult[pos * b : (pos + 1) * b, blocked[i][layer]] = 0.0
-                mults[layer] = mult
+            mults = row_multipliers(model.unet, [blocked[i] for i in group for _ in range(b)])
             with rowwise_scale_output_channels(model.unet, mults):
                 res = dori(model, x0[group], init[group], [int(seeds[i]) + r for i in group])
             out.append(res.embeddings)
