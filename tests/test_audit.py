@@ -18,7 +18,7 @@ from dori.evaluation import EvalConfig, generation_seeds
 from dori.metrics.features import Backends
 from dori.models.pipeline import SamplingConfig
 from dori.report.html import build_report
-from dori.runs import RunDir
+from dori.runs import RunDir, load_tensors
 
 CAPTION = 'a <b>red</b> & "blue" thing'
 CHROMIUM = Path("/usr/bin/chromium")
@@ -128,6 +128,12 @@ def test_audit_json_schema(cli_run):
         assert row["sscd_gen"] is None  # unmitigated: N/A as in the paper
         assert row["fid"] >= 0 and np.isfinite(row["kid"])
     assert [r["dori_steps"] for r in result["rows"]] == [None, 1, 3]
+    assert "dori_norm_ratio" not in result["rows"][0]
+    saved = load_tensors(run / "artifacts" / "dori.none.it0.safetensors")
+    searched = [load_tensors(run / "artifacts" / f"dori.none.{i}.safetensors") for i in ("it0", "it1")]
+    ratios = [float(t["norms"][2]) / float(t["init"].norm()) for t in searched]
+    assert result["rows"][2]["dori_norm_ratio"]["median"] == pytest.approx(float(np.median(ratios)))
+    assert saved["norms"].shape == (3,) and result["rows"][1]["dori_norm_ratio"]["median"] > 0
     assert result["skipped"] == [{"id": "gone", "reason": result["skipped"][0]["reason"]}]
     assert "nope.png" in result["skipped"][0]["reason"]
     prov = result["provenance"]
@@ -145,8 +151,8 @@ def test_report_is_self_contained_and_escaped(cli_run, tmp_path):
     page = build_report(run, out=tmp_path / "r.html").read_text()
     assert "a &lt;b&gt;red&lt;/b&gt; &amp; &quot;blue&quot; thing 0" in page
     assert "<b>red</b>" not in page
-    # MR plot + per item: training image, 2 prompt and 2 Dori generations, loss curve
-    assert page.count("<img ") == 1 + 2 * (1 + 2 + 2 + 1)
+    # MR plot + per item: training image, 2 prompt and 2 Dori generations, loss curve, norm curve
+    assert page.count("<img ") == 1 + 2 * (1 + 2 + 2 + 1 + 1)
     assert page.count('src="data:image/png;base64,') == page.count("<img ")
     assert "http://" not in page and "https://" not in page.replace("https://dl.fbaipublicfiles", "")
     with pytest.raises(DoriError, match="audit.json"):
@@ -314,3 +320,20 @@ def test_skip_windows_the_set_and_refuses_an_empty_one():
         _window(items, 10, None)
     with pytest.raises(DoriError, match=">= 0"):
         _window(items, -1, None)
+
+
+def test_audit_norm_ball_bounds_the_searched_embeddings(tmp_path, capsys):
+    from dori.cli import main
+
+    items = write_items(tmp_path / "data", missing=False)
+    args = ["audit", *CLI_ARGS, "--set", str(items), "--snapshots", "none", "--out", str(tmp_path / "run")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dori.metrics.backends.load_backends", fake_backends)
+        assert main([*args, "--norm-ball", "0"]) == 2
+        assert "--norm-ball must be positive" in capsys.readouterr().err
+        assert main([*args, "--norm-ball", "5.0"]) == 0
+    for i in ("it0", "it1"):
+        saved = load_tensors(tmp_path / "run" / "artifacts" / f"dori.none.{i}.safetensors")
+        assert float(saved["init"].norm()) > 5.0  # the prompt's embedding lies outside the ball ...
+        assert float(saved["embedding"].norm()) <= 5.0 + 1e-4  # ... and every step is projected back
+        assert torch.all(saved["norms"] <= 5.0 + 1e-4)

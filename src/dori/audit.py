@@ -62,6 +62,13 @@ def dori_artifact(mitigation_key: str, item_id: str) -> str:
     return f"dori.{mitigation_key}.{item_id}.safetensors"
 
 
+def norm_ratio(run: RunDir, mitigation_key: str, item_id: str, steps: int) -> float:
+    """||y_adv|| after ``steps`` Dori steps over ||y_init|| of one item (Finding Dori, Fig. 7, right: reaching a
+    non-memorized image takes a large rise of the embedding's norm, a memorized one does not)."""
+    saved = load_tensors(run.artifact(dori_artifact(mitigation_key, item_id)))
+    return float(saved["norms"][steps - 1] / saved["init"].float().norm().clamp_min(1e-12))
+
+
 def resolve_mitigation(spec: str) -> tuple[str, object | None]:
     """``none`` -> (``none``, None); ``nemo:DIR`` -> (``nemo``, fitted mitigation) via
     :func:`dori.mitigations.load_mitigation`."""
@@ -359,6 +366,9 @@ def run_audit(
         tag = setting.key if setting.attack == "none" else mkey
         for name, group in groups:
             row = summarize(group, setting, name, backends.threshold)
+            if setting.attack == "dori":
+                ratios = [norm_ratio(run, mkey, r["item"], setting.dori_steps) for r in group]
+                row["dori_norm_ratio"] = M.median_mad(ratios)
             if tag in util:
                 row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
             rows.append(row)

@@ -37,6 +37,11 @@ def add_parser(sub) -> None:
     g.add_argument("--steps", type=int, default=50, help="Dori steps (paper: 50)")
     g.add_argument("--lr", type=float, default=0.1, help="Dori Adam learning rate (paper: 0.1)")
     g.add_argument("--dori-batch", type=int, default=8, help="(noise, t) draws per Dori step (paper: 8)")
+    g.add_argument(
+        "--norm-ball", type=float, default=None, metavar="R",
+        help="project each Dori embedding onto the L2 ball ||y|| <= R after every step (Appendix F.3; SD v1.4: "
+        "280 = the largest norm a prompt reaches, 220 = the smallest); default: unconstrained",
+    )  # fmt: skip
     g.add_argument("--init", default="prompt", help="Dori init: prompt, random or prompt-of:SET")
     g.add_argument(
         "--snapshots", default="1,10,25", help="Dori steps evaluated besides the last (comma list, or none)"
@@ -150,7 +155,9 @@ def run(args) -> int:
         sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.batch_size),
         seed=args.seed,
     )
-    dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch)
+    if args.norm_ball is not None and args.norm_ball <= 0:
+        raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
+    dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch, norm_ball=args.norm_ball)
     fast = fast_path_from_args(args, model)
     if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
         fast_dori, _, sampling = fast.prepare(  # probes the batch sizes, then compiles if --compile

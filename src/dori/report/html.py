@@ -117,6 +117,19 @@ def loss_curve_uri(losses: torch.Tensor) -> str:
     return _figure_uri(draw)
 
 
+def norm_curve_uri(norms: torch.Tensor, init_norm: float) -> str:
+    """||y_adv|| / ||y_init|| per Dori step (Fig. 7, right)."""
+    y = norms.float().numpy() / max(init_norm, 1e-12)
+
+    def draw(ax):
+        ax.plot(np.arange(1, len(y) + 1), y, color="#06c", lw=1.5)
+        ax.axhline(1.0, color="#888", lw=0.8, ls=":")
+        ax.set_xlabel("Dori step")
+        ax.set_ylabel("||y|| / ||y_init||")
+
+    return _figure_uri(draw)
+
+
 def steps_plot_uri(points: list[tuple[int, float, float]], threshold: float | None) -> str:
     """MR and median SSCD_orig against Dori steps: points (steps, mr, sscd median)."""
 
@@ -182,7 +195,11 @@ def _item_html(run: Path, item_id: str, by_setting: dict[str, dict], audit: dict
     for s in final[:1]:
         dori_file = _artifact(run, f"dori.{s['key'].split('+dori-')[0]}.{item_id}.safetensors")
         if dori_file.exists():
-            plots.append(_img(loss_curve_uri(load_tensors(dori_file)["losses"]), "Dori loss curve"))
+            saved = load_tensors(dori_file)
+            plots.append(_img(loss_curve_uri(saved["losses"]), "Dori loss curve"))
+            if "init" in saved and "norms" in saved:
+                init_norm = float(saved["init"].float().norm())
+                plots.append(_img(norm_curve_uri(saved["norms"], init_norm), "Dori embedding norm"))
     steps = sorted(
         (s["dori_steps"], by_setting[s["key"]]["sscd_orig"]["max"]) for s in final if s["key"] in by_setting
     )
