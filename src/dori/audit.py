@@ -62,11 +62,11 @@ def dori_artifact(mitigation_key: str, item_id: str) -> str:
     return f"dori.{mitigation_key}.{item_id}.safetensors"
 
 
-def norm_ratio(run: RunDir, mitigation_key: str, item_id: str, steps: int) -> float:
-    """||y_adv|| after ``steps`` Dori steps over ||y_init|| of one item (Finding Dori, Fig. 7, right: reaching a
+def norm_ratios(run: RunDir, mitigation_key: str, item_id: str) -> torch.Tensor:
+    """||y_adv|| / ||y_init|| of one item after each Dori step (Finding Dori, Fig. 7, right: reaching a
     non-memorized image takes a large rise of the embedding's norm, a memorized one does not)."""
     saved = load_tensors(run.artifact(dori_artifact(mitigation_key, item_id)))
-    return float(saved["norms"][steps - 1] / saved["init"].float().norm().clamp_min(1e-12))
+    return saved["norms"].float() / saved["init"].float().norm().clamp_min(1e-12)
 
 
 def resolve_mitigation(spec: str) -> tuple[str, object | None]:
@@ -358,6 +358,7 @@ def run_audit(
             )  # fmt: skip
     kinds = sorted({it.kind for it in usable})
     rows = []
+    curves: dict[str, torch.Tensor] = {}  # item -> norm ratio per Dori step, read once for every Dori row
     for setting in settings:
         records = [run.get(f"item.{setting.key}.{it.id}") for it in usable]
         groups = [(set_name, records)]
@@ -367,7 +368,10 @@ def run_audit(
         for name, group in groups:
             row = summarize(group, setting, name, backends.threshold)
             if setting.attack == "dori":
-                ratios = [norm_ratio(run, mkey, r["item"], setting.dori_steps) for r in group]
+                for r in group:
+                    if r["item"] not in curves:
+                        curves[r["item"]] = norm_ratios(run, mkey, r["item"])
+                ratios = [float(curves[r["item"]][setting.dori_steps - 1]) for r in group]
                 row["dori_norm_ratio"] = M.median_mad(ratios)
             if tag in util:
                 row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
