@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
         help="scene detail: 1 (default, the shipped world: finer field, uncaptioned dots) or 0 (plainer)",
     )
     t.add_argument(
+        "--latent-channels",
+        type=int,
+        default=None,
+        help="latent channels of the VAE and the UNet (default 4, as SD v1; more keep more detail)",
+    )
+    t.add_argument(
         "--pause-after",
         type=float,
         default=None,
@@ -80,6 +86,7 @@ def run_train(args) -> int:
         duplicates=args.duplicates,
         detail=args.detail,
         pause_after=args.pause_after,
+        latent_channels=args.latent_channels,
     )
     return 0
 
@@ -103,7 +110,11 @@ def run_info(args) -> int:
     print(f"miniworld {world}")
     detail = info.get("spec", {}).get("detail", 0)  # worlds written before detail levels are level 0
     size = info["image_size"]
-    print(f"  seed {info['seed']} ({info['preset']}), scene detail {detail}, images {size}x{size} RGB")
+    latent = info["training"]["config"].get("latent_channels", 4)
+    print(
+        f"  seed {info['seed']} ({info['preset']}), scene detail {detail}, images {size}x{size} RGB, "
+        f"{latent} latent channels"
+    )
     for name, s in info["sets"].items():
         print(f"  set {name:8s} {s['n']:6d} items, {s['duplicates']} training copies each")
     print("  parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in info["params"].items()))

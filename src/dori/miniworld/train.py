@@ -45,6 +45,7 @@ class TrainConfig:
     vae_steps: int = 2500
     vae_batch: int = 512
     vae_channels: tuple[int, ...] = (48, 96, 96)
+    latent_channels: int = 4  # the VAE's latent channels (SD v1: 4); the UNet's in and out channels
     copy_steps: int = 1500
     copy_batch: int = 512
     feature_steps: int = 1000
@@ -214,6 +215,7 @@ def train_world(
     duplicates: int | None = None,
     detail: int | None = None,
     pause_after: float | None = None,
+    latent_channels: int | None = None,
 ) -> Path | None:
     """Train every component of a miniworld and write the loadable folder ``out`` (see module docstring).
 
@@ -236,6 +238,9 @@ def train_world(
             (``out/train/unet-checkpoint.pt``) and ``None`` is returned; a later call resumes it where it
             stopped, with the same result as one uninterrupted run. Default: the preset's
             ``unet_max_seconds`` (none for both presets).
+        latent_channels: the VAE's latent channels (default: the preset's, 4 as in SD v1). The VAE, the copy
+            detector (trained on VAE round trips) and the UNet depend on it: an ``out`` with parts of another
+            value is refused.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -253,7 +258,12 @@ def train_world(
         if detail not in gen.DETAIL_LEVELS:
             raise DoriError(f"--detail must be one of {gen.DETAIL_LEVELS}, got {detail}")
         dups["detail"] = detail
-    cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **(overrides or {}))
+    overrides = dict(overrides or {})
+    if latent_channels is not None:
+        if not 1 <= latent_channels <= 64:
+            raise DoriError(f"--latent-channels must be between 1 and 64, got {latent_channels}")
+        overrides["latent_channels"] = latent_channels
+    cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **overrides)
     out, dev, store = Path(out), _device(device), _Parts(Path(out))
     examples = cfg.spec.n_unique + cfg.spec.n_vm * cfg.spec.vm_dups + cfg.spec.n_tm * cfg.spec.tm_dups
     kept = store.meta.get("unet", {}).get("examples")
@@ -263,11 +273,13 @@ def train_world(
             "--duplicates?): use a new --out, or delete unet.safetensors there to retrain it"
         )
     made = store.meta.get("data", {})
-    for key in ("seed", "detail"):
-        if key in made and made[key] != getattr(cfg.spec, key):
+    wanted = {"seed": cfg.spec.seed, "detail": cfg.spec.detail, "latent_channels": cfg.latent_channels}
+    for key, value in wanted.items():
+        kept_value = made.get(key, 4 if made and key == "latent_channels" else value)  # older parts: 4
+        if kept_value != value:
             raise DoriError(
-                f"{store.dir} holds parts of a world with {key} {made[key]}, this one has "
-                f"{getattr(cfg.spec, key)}: use a new --out"
+                f"{store.dir} holds parts of a world with {key} {kept_value}, this one has {value}: "
+                "use a new --out"
             )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -280,7 +292,7 @@ def train_world(
     t = timed("tokenizer + data")
     tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(gen.vocabulary(), out / "tokenizer", 32))
     data = build_data(cfg, workers)
-    store.meta["data"] = {"seconds": round(time.time() - t, 1), "seed": seed, "detail": cfg.spec.detail}
+    store.meta["data"] = {"seconds": round(time.time() - t, 1), **wanted}
     on = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in data.items()}
 
     torch.manual_seed(seed)
@@ -311,7 +323,7 @@ def train_world(
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=cfg.vae_channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=cfg.latent_channels,
         norm_num_groups=16 if preset == "full" else 8,
         sample_size=gen.SIZE,
     )
@@ -357,8 +369,8 @@ def train_world(
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
         sample_size=gen.SIZE // 4,
-        in_channels=4,
-        out_channels=4,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
         layers_per_block=2,
         block_out_channels=cfg.unet_channels,
         norm_num_groups=cfg.unet_groups,
