@@ -36,12 +36,12 @@ else
     IFS=: read -r n d k c <<< "$w"; W=$R/$n
     [ -f $W/dori_world.json ] || { echo "$n: not finished"; continue; }
     (
-      timeout $(( $(left) - 30 )) dori miniworld check --model $W --device cuda --sets vm,tm,heldout --limit 200 \
+      dori_on() { timeout $(( $(left) - 30 )) dori audit --model $W --device cuda --set $1 --limit 40 --attack dori \
+        --steps 50 --snapshots 10,25 --no-progress --out $R/audit-$n-$1 --json $OUT/dori-$1-$n.json > $OUT/dori-$1-$n.log 2>&1; }
+      dori_on heldout; dori_on vm  # first what issue 4 asks; then the world's own check; then unique
+      timeout $(( $(left) - 30 )) dori miniworld check --model $W --device cuda --sets vm,tm,heldout --limit ${LIMIT:-200} \
         --out $OUT/check-$n.json > $OUT/check-$n.log 2>&1
-      for s in heldout unique vm; do
-        timeout $(( $(left) - 30 )) dori audit --model $W --device cuda --set $s --limit 40 --attack dori --steps 50 --snapshots 10,25 \
-          --no-progress --out $R/audit-$n-$s --json $OUT/dori-$s-$n.json > $OUT/dori-$s-$n.log 2>&1
-      done
+      dori_on unique
     ) &
   done; wait
   for w in $WORLDS; do n=${w%%:*}; [ -f $R/$n/dori_world.json ] || continue
