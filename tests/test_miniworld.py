@@ -283,6 +283,40 @@ def test_train_refuses_parts_of_another_detail_level(tmp_path):
     assert main(["miniworld", "train", "--tiny", "--detail", "1", "--out", str(tmp_path / "w")]) == 2
 
 
+def test_train_refuses_parts_of_other_latent_channels_and_bad_values(tmp_path, capsys):
+    from dori.cli import main
+
+    older = tmp_path / "old" / "train"  # parts written before the option existed: 4 channels
+    older.mkdir(parents=True)
+    (older / "meta.json").write_text('{"data": {"seed": 0, "detail": 0}}')
+    args = ["miniworld", "train", "--tiny", "--detail", "0", "--device", "cpu"]
+    assert main(args + ["--latent-channels", "8", "--out", str(tmp_path / "old")]) == 2
+    assert "latent_channels 4, this one has 8" in capsys.readouterr().err
+    kept = tmp_path / "c8" / "train"
+    kept.mkdir(parents=True)
+    (kept / "meta.json").write_text('{"data": {"seed": 0, "detail": 0, "latent_channels": 8}}')
+    assert main(args + ["--out", str(tmp_path / "c8")]) == 2
+    assert main(args + ["--latent-channels", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "--latent-channels must be" in capsys.readouterr().err
+
+
+def test_latent_channels_reach_the_vae_the_unet_and_sampling(tmp_path):
+    from dori.miniworld.train import train_world
+    from dori.models.loading import load_model
+
+    few = dict(clip_steps=2, vae_steps=2, copy_steps=2, feature_steps=2, unet_steps=2, n_aux=300, n_calib=100)
+    out = train_world(
+        tmp_path / "w", preset="tiny", device="cpu", log=lambda m: None, latent_channels=8, overrides=few
+    )
+    model = load_model(str(out))
+    assert model.vae.config.latent_channels == 8 and model.unet.config.in_channels == 8
+    assert model.sample_shape == (8, 8, 8)
+    x0 = model.encode_images(torch.rand(2, 3, 32, 32))
+    assert x0.shape == (2, 8, 8, 8) and model.decode(x0).shape == (2, 3, 32, 32)
+    info = json.loads((out / "dori_world.json").read_text())
+    assert info["training"]["config"]["latent_channels"] == 8
+
+
 def test_detail_zero_renders_world_v1_and_the_defaults_render_the_shipped_world():
     import hashlib
 
