@@ -6,7 +6,7 @@
 #                (while the machine is warm: runs/ stays on it between calls).
 #   PHASE=check  every finished world: dori miniworld check (vm, tm, heldout; 200 items), Dori (50 steps,
 #                prompt init, snapshots 10/25) on 40 heldout and 40 unique items; results and worlds to $OUT.
-#   Session 10: a fourth field, the latent channels (default 4), e.g. WORLDS="c8:1:50:8 c16:1:50:16".
+#   Session 10: UNET=W0,W1,W2 sets the UNet's widths of every world; a fourth field, the latent channels (default 4), e.g. WORLDS="c8:1:50:8 c16:1:50:16".
 # Usage: WORLDS="name:detail:dups[:latent] ..." PHASE=train|check tools/gpu_worlds.sh   (carry .whl)
 set -u
 bash tools/gpu_env.sh || exit 1
@@ -25,7 +25,7 @@ if [ "${PHASE:-train}" = train ]; then
     [ -f $R/$n/dori_world.json ] && continue
     mkdir -p $R/$n/train; [ -f $R/$n/train/meta.json ] || cp -r $R/parts-d$d-c$c/train/. $R/$n/train/
     timeout $(( $(left) + 25 )) dori miniworld train --seed 0 --detail $d --duplicates $k --latent-channels $c --out $R/$n \
-      --workers 3 --pause-after $(( $(left) - 130 )) >> $R/$n.log 2>&1 &
+      --workers 3 --pause-after $(( $(left) - 130 )) ${UNET:+--unet-channels $UNET} >> $R/$n.log 2>&1 &
   done; wait
   for w in $WORLDS; do n=${w%%:*}; echo "$n: $(grep -E 'unet step|paused|resumed|wrote' $R/$n.log | tail -n 1)"; done
   grep -h "threshold\|parts" $R/parts-*.log

@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
         help="latent channels of the VAE and the UNet (default 4, as SD v1; more keep more detail)",
     )
     t.add_argument(
+        "--unet-channels",
+        default=None,
+        metavar="W0,W1,W2",
+        help="the UNet's three block widths (default 32,64,128)",
+    )
+    t.add_argument(
         "--pause-after",
         type=float,
         default=None,
@@ -87,8 +93,18 @@ def run_train(args) -> int:
         detail=args.detail,
         pause_after=args.pause_after,
         latent_channels=args.latent_channels,
+        unet_channels=_widths(args.unet_channels),
     )
     return 0
+
+
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise DoriError(f"--unet-channels takes comma-separated integers, got {text!r}") from None
 
 
 def _world_dir(spec: str) -> Path:

@@ -216,6 +216,7 @@ def train_world(
     detail: int | None = None,
     pause_after: float | None = None,
     latent_channels: int | None = None,
+    unet_channels: tuple[int, ...] | None = None,
 ) -> Path | None:
     """Train every component of a miniworld and write the loadable folder ``out`` (see module docstring).
 
@@ -241,6 +242,8 @@ def train_world(
         latent_channels: the VAE's latent channels (default: the preset's, 4 as in SD v1). The VAE, the copy
             detector (trained on VAE round trips) and the UNet depend on it: an ``out`` with parts of another
             value is refused.
+        unet_channels: the UNet's three block widths (default: the preset's, (32, 64, 128) for ``full``);
+            GroupNorm uses the largest of 32, 16, 8 groups that divides every width.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -263,6 +266,11 @@ def train_world(
         if not 1 <= latent_channels <= 64:
             raise DoriError(f"--latent-channels must be between 1 and 64, got {latent_channels}")
         overrides["latent_channels"] = latent_channels
+    if unet_channels is not None:
+        groups = next((g for g in (32, 16, 8) if all(c % g == 0 for c in unet_channels)), None)
+        if len(unet_channels) != 3 or groups is None:
+            raise DoriError(f"--unet-channels takes three widths divisible by 8, got {unet_channels}")
+        overrides.update(unet_channels=tuple(unet_channels), unet_groups=groups)
     cfg = replace(PRESETS[preset], spec=replace(PRESETS[preset].spec, seed=seed, **dups), **overrides)
     out, dev, store = Path(out), _device(device), _Parts(Path(out))
     examples = cfg.spec.n_unique + cfg.spec.n_vm * cfg.spec.vm_dups + cfg.spec.n_tm * cfg.spec.tm_dups
