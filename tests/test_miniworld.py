@@ -298,6 +298,14 @@ def test_train_refuses_parts_of_other_latent_channels_and_bad_values(tmp_path, c
     assert main(args + ["--out", str(tmp_path / "c8")]) == 2
     assert main(args + ["--latent-channels", "0", "--out", str(tmp_path / "z")]) == 2
     assert "--latent-channels must be" in capsys.readouterr().err
+    for bad in ("48,x", "48,96", "12,24,36"):
+        assert main(args + ["--unet-channels", bad, "--out", str(tmp_path / "z")]) == 2
+        assert "--unet-channels takes" in capsys.readouterr().err
+    wide = tmp_path / "wide" / "train"  # a paused UNet of other widths is never resumed into this one
+    wide.mkdir(parents=True)
+    (wide / "meta.json").write_text('{"unet_channels": [48, 96, 192]}')
+    assert main(args + ["--out", str(tmp_path / "wide")]) == 2
+    assert "widths [48, 96, 192], this one has [16, 32, 32]" in capsys.readouterr().err
 
 
 def test_latent_channels_reach_the_vae_the_unet_and_sampling(tmp_path):

@@ -6,7 +6,8 @@
 #                (while the machine is warm: runs/ stays on it between calls).
 #   PHASE=check  every finished world: dori miniworld check (vm, tm, heldout; 200 items), Dori (50 steps,
 #                prompt init, snapshots 10/25) on 40 heldout and 40 unique items; results and worlds to $OUT.
-#   Session 10: NO_WORLD=1 keeps the worlds on the machine (results only); UNET=W0,W1,W2 sets the UNet's widths of every world; a fourth field, the latent channels (default 4), e.g. WORLDS="c8:1:50:8 c16:1:50:16".
+#   Session 10: a fourth field, the latent channels (default 4), e.g. WORLDS="c8:1:50:8 c16:1:50:16";
+#                UNET=W0,W1,W2 sets every world's UNet widths; NO_WORLD=1 brings back results, no worlds.
 # Usage: WORLDS="name:detail:dups[:latent] ..." PHASE=train|check tools/gpu_worlds.sh   (carry .whl)
 set -u
 bash tools/gpu_env.sh || exit 1

@@ -280,6 +280,12 @@ def train_world(
             f"{store.dir} holds a UNet trained on {kept} examples, this world has {examples} (another "
             "--duplicates?): use a new --out, or delete unet.safetensors there to retrain it"
         )
+    widths = list(cfg.unet_channels)
+    if store.meta.get("unet_channels", widths) != widths:  # a finished or paused UNet of other widths
+        raise DoriError(
+            f"{store.dir} holds a UNet with widths {store.meta['unet_channels']}, this one has {widths}: "
+            "use a new --out"
+        )
     made = store.meta.get("data", {})
     wanted = {"seed": cfg.spec.seed, "detail": cfg.spec.detail, "latent_channels": cfg.latent_channels}
     for key, value in wanted.items():
@@ -395,6 +401,8 @@ def train_world(
     spec = cfg.spec
     if not store.load("unet", unet):
         t = timed("UNet")
+        store.meta["unet_channels"] = widths  # kept with the checkpoint: a resume must build the same UNet
+        atomic_write_text(store.meta_file, json.dumps(store.meta, indent=2))
         x0 = parts.latents(vae, torch.cat([on["unique"], on["vm"], on["tm"]]))
         model.to(dev)
         emb = model.encode_text(
@@ -471,7 +479,7 @@ def train_world(
         "training": {
             "config": asdict(cfg),
             "device": str(dev),
-            "timings_s": {k: v["seconds"] for k, v in store.meta.items()},
+            "timings_s": {k: v["seconds"] for k, v in store.meta.items() if isinstance(v, dict)},
             "unet_steps_done": store.meta["unet"].get("steps_done"),
             "unet_examples": store.meta["unet"].get("examples"),
             "total_s": round(time.time() - start, 1),
