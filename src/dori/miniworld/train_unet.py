@@ -18,6 +18,7 @@ import torch
 from dori.errors import DoriError
 from dori.miniworld.train_parts import Log, _autocast, _schedule, batches
 from dori.models.pipeline import T2IModel
+from dori.safeload import load_state, state_field
 
 
 def train_unet(
@@ -67,18 +68,25 @@ def train_unet(
     alphas = model.scheduler.alphas_cumprod.to(device)
     t0, running, start = time.time(), torch.zeros((), device=device), 0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["steps"] != steps or state["batch"] != batch or state["n"] != len(emb_index):
+        state = load_state(checkpoint, map_location=device)  # tensors and plain containers only
+        steps_, batch_, n_ = (state_field(state, k, checkpoint) for k in ("steps", "batch", "n"))
+        if steps_ != steps or batch_ != batch or n_ != len(emb_index):
             raise DoriError(
                 f"{checkpoint} belongs to another run (steps, batch or examples differ): delete it to start over"
             )
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, running = state["step"], state["running"].to(device)
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        try:
+            unet.load_state_dict(state_field(state, "unet", checkpoint))
+            ema.load_state_dict(state_field(state, "ema", checkpoint))
+            opt.load_state_dict(state_field(state, "opt", checkpoint))
+            start, running = (
+                int(state_field(state, "step", checkpoint)),
+                state_field(state, "running", checkpoint).to(device),
+            )
+            torch.set_rng_state(state_field(state, "rng_cpu", checkpoint).cpu())
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as err:
+            raise DoriError(f"{checkpoint} does not fit this UNet ({err}); delete it to start over") from err
         log(f"unet: resumed from {checkpoint} at step {start}")
 
     def save(step: int) -> None:

@@ -29,6 +29,7 @@ from dori.mitigations import lora as lora_mod
 from dori.mitigations.training import finish, save_finetuned, trainable_copy
 from dori.models.pipeline import T2IModel
 from dori.runs import atomic_write_text
+from dori.safeload import load_state
 
 STATE = "train_state.pt"
 
@@ -95,7 +96,7 @@ def resume(out: Path, model: T2IModel, optimizer: torch.optim.Optimizer, generat
     if not states:
         return 1
     folder = states[-1].parent
-    state = torch.load(states[-1], map_location="cpu", weights_only=True)
+    state = load_state(states[-1])
     if lora_mod.lora_modules(model.unet):
         from safetensors.torch import load_file
 
