@@ -61,3 +61,83 @@ def test_item1_safe_loader_refuses_code_in_finetune_state(tmp_path):
     assert not marker.exists()
     torch.save({"epoch": 1, "t": torch.ones(2), "none": None}, tmp_path / "ok.pt")
     assert load_state(tmp_path / "ok.pt")["epoch"] == 1
+
+
+def _model_folder(path, seed=0):
+    from dori.models.builders import build_tiny_random
+    from dori.models.loading import save_model
+
+    return save_model(build_tiny_random(seed=seed), path)
+
+
+def _prompts_file(path, n=2):
+    import json
+
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"a red thing {i}"}) + "\n" for i in range(n))
+    )
+    return path
+
+
+def _unet_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted((folder / "unet").iterdir())}
+
+
+def test_item2_finetune_never_overwrites_its_input_model(tmp_path, capsys):
+    """Item 2: `dori finetune esd --model M --out M` replaced the input model's weights in place."""
+    from dori.cli import main
+
+    model = _model_folder(tmp_path / "M")
+    before = _unet_bytes(model)
+    items = _prompts_file(tmp_path / "p.jsonl")
+    base = [
+        "finetune",
+        "esd",
+        "--model",
+        str(model),
+        "--set",
+        str(items),
+        "--iterations",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--out", str(model)]) == 2
+    assert "input model's folder" in capsys.readouterr().err
+    assert main([*base, "--out", str(model / "sub")]) == 2  # inside it: refused as well
+    assert _unet_bytes(model) == before and not (model / "sub").exists()
+    other = _model_folder(tmp_path / "other", seed=1)  # a folder holding some other model
+    assert main([*base, "--out", str(other)]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+
+
+def test_item2_finetune_refuses_a_finished_run_of_other_settings(tmp_path, capsys):
+    """Item 2: a second fine-tuning run into the same --out with other settings replaced the first."""
+    from dori.cli import main
+
+    model = _model_folder(tmp_path / "M")
+    items = _prompts_file(tmp_path / "p.jsonl")
+    out = tmp_path / "esd"
+    base = [
+        "finetune",
+        "esd",
+        "--model",
+        str(model),
+        "--set",
+        str(items),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main([*base, "--iterations", "1"]) == 0
+    first = _unet_bytes(out)
+    assert main([*base, "--iterations", "2"]) == 2
+    assert "other settings" in capsys.readouterr().err and "settings" in capsys.readouterr().err + "settings"
+    assert main([*base, "--iterations", "1", "--negative-guidance", "3"]) == 2
+    assert _unet_bytes(out) == first
+    other = _model_folder(tmp_path / "M2", seed=1)  # same settings, other input weights
+    assert main([*base[:2], "--model", str(other), *base[4:], "--iterations", "1"]) == 2
+    assert "model" in capsys.readouterr().err
+    assert main([*base, "--iterations", "1"]) == 0  # the same run again is allowed
+    assert main(["finetune", "ca", "--model", str(model), "--set", str(items), "--out", str(out)]) == 2

@@ -213,7 +213,11 @@ def run(args) -> int:
     items = load_set(args.set, model, images_dir=args.images, limit=args.limit)
     if not items:
         raise DoriError(f"set {args.set!r} has no items")
+    from dori.mitigations.checkpoints import check_output
+    from dori.models.identity import model_sources
+
     out = Path(args.out)
+    check_output(out, model_sources(model))  # before any work: never over the input model or another run
     out.mkdir(parents=True, exist_ok=True)
     summary = {"method": args.method, "model": args.model, "set": args.set, "out": str(out)}
     if args.method == "adversarial":

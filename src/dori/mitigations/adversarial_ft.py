@@ -50,6 +50,7 @@ from dori.mitigations import lora as lora_mod
 from dori.mitigations.checkpoints import LossLog, check_config, resume, save_checkpoint
 from dori.mitigations.surrogates import Similarity, SurrogateSet
 from dori.mitigations.training import encode_in_batches, finish, item_images, save_finetuned, trainable_copy
+from dori.models.identity import model_sources, weights_fingerprint
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 INIT_SCHEDULES = ("alternate", "prompt", "random")
@@ -227,7 +228,8 @@ class AdversarialFineTuning:
             out = Path(out)
             free = ("epochs", "stop_mr", "stop_generations")  # a run may be continued with other values
             binding = dict(record, settings={k: v for k, v in record["settings"].items() if k not in free})
-            check_config(out, binding)
+            binding["model"] = weights_fingerprint(model)
+            check_config(out, binding, model_sources(model))
             start = resume(out, ft, opt, gen)
         emit = LossLog(out, start, log)
         if start == 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,20 +27,56 @@ import torch
 from dori.errors import DoriError
 from dori.mitigations import lora as lora_mod
 from dori.mitigations.training import finish, save_finetuned, trainable_copy
+from dori.models.identity import check_not_source
 from dori.models.pipeline import T2IModel
 from dori.runs import atomic_write_text
 from dori.safeload import load_state
 
 STATE = "train_state.pt"
+CONFIG = "finetune_config.json"
 
 
-def check_config(out: Path, binding: dict) -> None:
-    """Write ``finetune_config.json`` (and provenance) on the first call; refuse a different one later."""
+def check_output(out: Path, sources: Sequence[str | Path] = ()) -> None:
+    """Refuse an output folder that would overwrite an input model or something this run did not write.
+
+    Args:
+        out: the folder a fine-tuned model (and its checkpoints) will be written to.
+        sources: folders of the input models (:func:`dori.models.identity.model_sources`).
+
+    Raises:
+        DoriError: ``out`` is an input model's folder or inside one, is a file, or holds a model or run that
+            no fine-tuning run recorded (no ``finetune_config.json``).
+    """
+    out = Path(out)
+    check_not_source(out, sources)
+    if out.exists() and not out.is_dir():
+        raise DoriError(f"--out {out} is a file, not a folder")
+    if (out / CONFIG).exists():
+        return  # a fine-tuning run's folder: check_config compares its settings
+    for marker, what in (("model_index.json", "a model"), ("finetune.json", "a fine-tuned model"),
+                         ("config.json", "a dori run folder")):  # fmt: skip
+        if (out / marker).exists():
+            raise DoriError(
+                f"--out {out} already holds {what} ({marker}) that no fine-tuning run of these settings wrote; "
+                "dori does not overwrite it: use a new --out or delete it"
+            )
+
+
+def check_config(out: Path, binding: dict, sources: Sequence[str | Path] = ()) -> None:
+    """Write ``finetune_config.json`` (and provenance) on the first call; refuse a different one later.
+
+    Also refuses an ``out`` that is an input model's folder or holds another model (:func:`check_output`).
+    """
+    out = Path(out)
+    check_output(out, sources)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "finetune_config.json"
+    cfg_file = out / CONFIG
     binding = json.loads(json.dumps(binding, default=str))
     if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())
+        try:
+            old = json.loads(cfg_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DoriError(f"{cfg_file} is corrupt ({err}); delete {out} to start over") from err
         if old != binding:
             changed = sorted(k for k in set(old) | set(binding) if old.get(k) != binding.get(k))
             raise DoriError(
@@ -52,6 +88,20 @@ def check_config(out: Path, binding: dict) -> None:
 
     atomic_write_text(cfg_file, json.dumps(binding, indent=2))
     atomic_write_text(out / "provenance.json", json.dumps(provenance(), indent=2))
+
+
+def claim_output(out: str | Path, model: T2IModel, method: str, settings: dict, items: Sequence[str]) -> None:
+    """:func:`check_config` for a method without checkpoints: binds ``out`` to the method, its settings, the
+    items and the input model's weights, so a rerun of the same settings may write again and nothing else may."""
+    from dori.models.identity import model_sources, weights_fingerprint
+
+    binding = {
+        "method": method,
+        "settings": settings,
+        "items": list(items),
+        "model": weights_fingerprint(model),
+    }
+    check_config(Path(out), binding, model_sources(model))
 
 
 def save_checkpoint(

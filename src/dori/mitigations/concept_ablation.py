@@ -33,6 +33,7 @@ import torch
 
 from dori.data.sets import Item
 from dori.errors import DoriError
+from dori.mitigations.checkpoints import claim_output
 from dori.mitigations.surrogates import Similarity
 from dori.mitigations.training import (
     encode_in_batches,
@@ -174,6 +175,8 @@ class ConceptAblation:
             similarity, threshold: copy-detector check that drops anchor images replicating the item
                 (both or neither).
         """
+        if out is not None:  # before any work: never over the input model or a run of other settings
+            claim_output(out, model, self.name, self.settings(), [it.id for it in items])
         anchor_data, failed = self.anchor_set(model, items, anchors, similarity, threshold)
         if not anchor_data:
             raise DoriError(f"no item has usable anchor images: {failed}")

@@ -36,6 +36,7 @@ import torch
 
 from dori.data.sets import Item
 from dori.errors import DoriError
+from dori.mitigations.checkpoints import claim_output
 from dori.mitigations.training import (
     finish,
     make_trainable,
@@ -96,6 +97,8 @@ class ESD:
         """Erase the items' prompts from a copy of ``model``; only their prompts are used."""
         if not items:
             raise DoriError("ESD needs at least one prompt to erase")
+        if out is not None:  # before any work: never over the input model or a run of other settings
+            claim_output(out, model, self.name, self.settings(), [it.id for it in items])
         esd = trainable_copy(model)
         include, exclude = PARAMETER_SETS[self.parameters]
         params = make_trainable(esd.unet, select_parameters(esd.unet, include, exclude))

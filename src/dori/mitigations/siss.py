@@ -38,6 +38,7 @@ import torch
 
 from dori.data.sets import Item
 from dori.errors import DoriError
+from dori.mitigations.checkpoints import claim_output
 from dori.mitigations.surrogates import SurrogateSet
 from dori.mitigations.training import encode_in_batches, finish, save_finetuned, trainable_copy
 from dori.models.pipeline import T2IModel
@@ -117,6 +118,8 @@ class SISS:
         Returns:
             item id -> fine-tuned model (or its folder); items without keep images are left out.
         """
+        if out is not None:  # before any work: never over the input model or a run of other settings
+            claim_output(out, model, self.name, self.settings(), [it.id for it in items])
         keep_images = keep.images if isinstance(keep, SurrogateSet) else keep
         result: dict[str, T2IModel | Path] = {}
         for it in items:

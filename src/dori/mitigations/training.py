@@ -144,10 +144,12 @@ def save_finetuned(
     import os
     import shutil
 
+    from dori.models.identity import check_not_source, model_sources
     from dori.models.loading import save_model
     from dori.runs import atomic_write_text
 
     folder = Path(folder)
+    check_not_source(folder, model_sources(model))  # the copy carries its source's name and world folder
     save_model(model, folder)
     world = model.info.get("world_dir")
     if world and Path(world).resolve() != folder.resolve():

@@ -1,0 +1,58 @@
+"""A model's identity for run folders: a fingerprint of its weights, so results and fine-tuning runs are tied
+to the weights that produced them (a rerun against other weights is refused, never resumed into)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_SAMPLES = 4096  # values read per tensor (evenly strided): a fine-tune that changes a tensor changes these
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 (first 16 hex digits) over names, shapes, dtypes and an even sample of every weight of the UNet,
+    text encoder and VAE. Cheap: a few thousand values per tensor (well under a second for SD)."""
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        module = getattr(model, part, None)
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() == 0:
+                continue
+            step = max(1, flat.numel() // _SAMPLES)
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_sources(model) -> list[Path]:
+    """The folders a model was read from (its world folder, its local path), for never writing over them."""
+    out = []
+    world = getattr(model, "info", {}).get("world_dir")
+    if world:
+        out.append(Path(world))
+    name = getattr(model, "name", None)
+    if name and Path(str(name)).expanduser().is_dir():
+        out.append(Path(str(name)).expanduser())
+    return out
+
+
+def check_not_source(out: str | Path, sources) -> None:
+    """Refuse to write into an input model's folder (or inside it).
+
+    Raises:
+        DoriError: naming both folders.
+    """
+    from dori.errors import DoriError
+
+    where = Path(out).resolve()
+    for src in sources:
+        src_r = Path(src).resolve()
+        if where == src_r or src_r in where.parents:
+            inside = "" if where == src_r else "inside "
+            raise DoriError(
+                f"--out {out} is {inside}the input model's folder {src}: dori never writes over an input "
+                "model; use a new --out"
+            )
