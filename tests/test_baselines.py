@@ -80,7 +80,7 @@ def test_miniworld_anchors_keep_the_kind_and_avoid_other_titles():
 def test_siss_one_step_per_item_changes_the_unet(tiny, tmp_path):
     items = _items(2)
     keep = {"m0": torch.rand(3, 3, 16, 16), "m1": torch.rand(2, 3, 16, 16)}
-    siss = SISS(steps=1, grad_accum=2, lr=1e-4, scaling_norm=None)
+    siss = SISS(steps=1, grad_accum=2, lr=1e-4, scaling_norm=None, variant="surrogates")
     seen = []
     models = siss(tiny, items, keep=keep, log=seen.append)
     assert set(models) == {"m0", "m1"}
@@ -94,6 +94,42 @@ def test_siss_one_step_per_item_changes_the_unet(tiny, tmp_path):
     assert not changed_parameters(models["m0"].unet, again.unet, atol=1e-6)
     paths = siss(tiny, items[:1], tmp_path / "siss", keep=keep)
     assert (paths["m0"] / "unet").is_dir()
+    with pytest.raises(DoriError, match="keep="):
+        SISS(variant="reference")(tiny, items, keep=keep)
+    with pytest.raises(DoriError, match="variant"):
+        SISS(variant="nope")
+
+
+def test_siss_data_recipes(tiny):
+    """Both recipes condition on a modified prompt and split its generations into kept and forgotten."""
+    from dori.mitigations.siss_data import siss_data, two_means
+
+    items = _items(1)
+    sampling = SamplingConfig(steps=2)
+
+    def similarity(gen, ref):  # every other generation counts as a replica
+        return torch.tensor([0.9, 0.1] * (len(gen) // 2))
+
+    data, failed = siss_data(tiny, items, "paper", similarity, 0.7, n_images=4, sampling=sampling)
+    d = data["m0"]
+    assert not failed and d.prompt.startswith(items[0].prompt + " ") and len(d.keep) == len(d.forget) == 2
+    with pytest.raises(DoriError, match="copy detector"):
+        siss_data(tiny, items, "paper", n_images=2, sampling=sampling)
+    data, _ = siss_data(tiny, items, "reference", n_images=4, sampling=sampling)
+    assert len(data["m0"].keep) + len(data["m0"].forget) == 4
+    _, failed = siss_data(
+        tiny,
+        items,
+        "paper",
+        lambda g, r: torch.ones(len(g)),
+        0.7,
+        n_images=2,
+        token_counts=(1,),
+        sampling=sampling,
+    )
+    assert "m0" in failed
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    assert two_means(x, torch.tensor([5.0, 5.0])).tolist() == [False, False, True, True]
 
 
 def test_siss_mixture_weights():

@@ -252,7 +252,10 @@ def run(args) -> int:
         from dori.mitigations.siss import SISS
 
         scaling = None if args.scaling_norm == "auto" else float(args.scaling_norm)
-        siss = SISS(steps=args.iterations or 35, lr=args.lr or 1e-5, scaling_norm=scaling, seed=args.seed)
+        siss = SISS(
+            steps=args.iterations or 35, lr=args.lr or 1e-5, scaling_norm=scaling, seed=args.seed,
+            variant="surrogates",
+        )  # fmt: skip
         folders = siss(model, items, out, keep=_surrogates(args, model, items, out))
         summary["settings"] = siss.settings()
         summary["models"] = {k: str(v) for k, v in folders.items()}

@@ -1,29 +1,52 @@
 """SISS, Subtracted Importance Sampled Scores (Alberti et al.), data unlearning per memorized image (Finding
 Dori, Section 4.4 "Baseline", Appendix E.2, Eq. (4); Table 3 row "SISS + Dori").
 
-SISS fine-tunes the UNet to keep a set X \\ A (here: ``keep``, non-replica images of the item's content, the
-role surrogates play in adversarial fine-tuning) and to forget A (here: ``forget``, the memorized training
-image and, if given, its replicas). Noisy samples come from the defensive mixture
-q_lambda(m_t | x, a) = (1 - lambda) q(m_t | x) + lambda q(m_t | a) and both terms are importance-weighted::
+SISS fine-tunes the UNet to keep a set X \\ A (``keep``) and forget a set A (``forget``), one memorized image
+at a time, each from the original model. Noisy samples come from the defensive mixture
+q_lambda(m_t | x, a) = (1 - lambda) q(m_t | x) + lambda q(m_t | a), and both terms are importance-weighted.
+Per micro-batch (the reference's order of random draws: latents of x and a, noise, mixture choice)::
 
-    x ~ keep, a ~ forget, t ~ U{0..T-1}, eps ~ N(0, I);  m_t = gamma_t (a if u < lambda else x) + sigma_t eps
-    w_x = q(m_t|x) / q_lambda,   w_a = q(m_t|a) / q_lambda        (Gaussian forward densities, in log space)
-    L_keep = n/(n-k) w_x || (m_t - gamma_t x)/sigma_t - eps_theta(m_t, t, y) ||^2
-    L_del  = k/(n-k) w_a || (m_t - gamma_t a)/sigma_t - eps_theta(m_t, t, y) ||^2
-    gradient = grad L_keep - c grad L_del,   c such that || c grad L_del || = scaling_norm
-    AdamW step (gradients clipped to norm 1)
+    x ~ keep, a ~ forget  (VAE posterior samples),  eps ~ N(0, I),  t = 999
+    m_t = gamma_t (a if the lambda-coin says so else x) + sigma_t eps
+    w_x = q(m_t|x) / q_lambda,   w_a = q(m_t|a) / q_lambda        (Gaussian forward densities)
+    L_keep = sum over C, H, W of w_x (eps_x - eps_theta(m_t, t, y))^2 / (batch * accumulation)
+    L_del  = sum over C, H, W of w_a (eps_a - eps_theta(m_t, t, y))^2 / (batch * accumulation)
+    after the accumulation: gradient = grad L_keep - c grad L_del, with c such that ||c grad L_del|| =
+    scaling_norm; clipped to norm 1; AdamW step
 
-with n = |keep| + |forget|, k = |forget|, y the memorized prompt's embedding (for a v-prediction model the
-targets are the matching velocities). Minimizing L_keep - L_del
-is SISS's objective; the reference code rescales the deletion gradient to a fixed norm (``scaling_norm``)
-instead of choosing the superfactor s directly.
+where eps_x = (m_t - gamma_t x) / sigma_t (eps_a likewise) and y is the embedding of the *modified* prompt
+(for a v-prediction model the targets are the matching velocities). Minimizing L_keep - L_del is SISS's
+objective with the superfactor chosen each step so that the deletion gradient has a fixed norm.
 
-Reference settings (claserken/SISS, SD config; the Dori paper used them): start from the original UNet for
-every image, 35 steps, lambda 0.5, AdamW lr 1e-5 (weight decay 0.01), batch 1 with 16 accumulation steps,
-gradient clipping 1.0, scaling norm 750. The reference README advises a scaling norm of about 10% of the
-naive-deletion gradient norm; on a model much smaller than SD v1.4 (the miniworld), whose gradient norms
-are far from SD's, ``scaling_norm=None`` applies that rule: 10% of the keep-term gradient norm of the first
-step. The miniworld recipe records which it used.
+Data variants (:mod:`dori.mitigations.siss_data`; chosen explicitly with ``variant``):
+
+* ``reference`` (default): generations of a modified prompt (random tokens appended), split by 2-means on
+  pixels into the memorized-looking cluster (forgotten) and the rest (kept); conditioning on that prompt;
+* ``paper`` (Finding Dori, Appendix E.2): 128 generations of the modified prompt, split by the copy
+  detector into replicas (forgotten) and non-replicas (kept); conditioning on that prompt;
+* ``surrogates`` (dori's earlier setup, not from either source): keep = surrogate images of the item
+  (generated under a pruning mitigation, as adversarial fine-tuning uses), forget = the training image,
+  conditioning on the memorized prompt.
+
+Reference settings (claserken/SISS @ af2a29c, ``config/delete_sd.yaml``, ``delete_sd.py``,
+``losses/ddpm_deletion_loss.py``; the Dori paper used them): 35 steps, lambda 0.5, AdamW lr 1e-5 (betas
+0.9/0.999, weight decay 0.01, eps 1e-8), batch 1 with 16 accumulation steps, gradient clipping 1.0, scaling
+norm 750, t fixed at 999, losses summed over C x H x W, VAE ``latent_dist.sample()``. The reference README
+advises a scaling norm of about 10% of the naive-deletion gradient norm; on a model much smaller than SD v1.4
+(the miniworld), whose gradient norms are far from SD's, ``scaling_norm=None`` applies that rule: 10% of the
+keep-term gradient norm of the first step. ``tests/test_parity_siss.py`` checks one full step against
+numbers from the reference code.
+
+Deviations from the reference:
+
+* the reference's data set (Kaggle) is not available; ``reference`` rebuilds it the way its files describe
+  (k-means labels of generations of a modified prompt), with ``n_images`` generations by dori's DDIM sampler
+  (50 steps, guidance 7) instead of the reference data's unknown sampler;
+* Eq. (4)'s n/(n-k) and k/(n-k) factors are absent, as in the reference code (the second disappears in the
+  rescaling to ``scaling_norm``);
+* no gradient checkpointing or mixed precision settings (numerically the same in fp32); dori's draws come
+  from its own seeded generators, so runs match the reference only where those are aligned (the tests);
+* on the miniworld (pixel space) there is no VAE, so no posterior sample; ``scaling_norm`` is "auto" there.
 """
 
 from __future__ import annotations
@@ -39,7 +62,8 @@ import torch
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.mitigations.checkpoints import claim_output
-from dori.mitigations.surrogates import SurrogateSet
+from dori.mitigations.siss_data import SISSData, siss_data
+from dori.mitigations.surrogates import Similarity, SurrogateSet
 from dori.mitigations.training import encode_in_batches, finish, save_finetuned, trainable_copy
 from dori.models.pipeline import T2IModel
 from dori.runs import safe_key
@@ -60,6 +84,9 @@ def mixture_weights(
     return (log_qx - log_mix).exp(), (log_qa - log_mix).exp()
 
 
+VARIANTS = ("reference", "paper", "surrogates")
+
+
 @dataclass
 class SISS:
     """SISS per item (see module docstring).
@@ -73,6 +100,10 @@ class SISS:
         lam: mixture weight lambda.
         scaling_norm: norm the deletion gradient is rescaled to (None: 10% of the first keep gradient norm).
         grad_clip: max global gradient norm.
+        timestep: the diffusion timestep of every sample (reference: 999); None draws t uniformly.
+        latent_sample: encode with a VAE posterior sample (reference) instead of its mean.
+        variant: data recipe: ``reference``, ``paper`` or ``surrogates`` (module docstring).
+        n_images: generations per item for the ``reference`` and ``paper`` recipes.
         seed: seeds every draw (the same for every item, as each starts from the original model).
     """
 
@@ -87,14 +118,50 @@ class SISS:
     lam: float = 0.5
     scaling_norm: float | None = 750.0
     grad_clip: float = 1.0
+    timestep: int | None = 999
+    latent_sample: bool = True
+    variant: str = "reference"
+    n_images: int = 128
     seed: int = 42
 
     def __post_init__(self) -> None:
         if not 0.0 < self.lam < 1.0:
             raise DoriError(f"lambda must be in (0, 1), got {self.lam}")
+        if self.variant not in VARIANTS:
+            raise DoriError(f"unknown SISS variant {self.variant!r}; use one of {VARIANTS}")
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
+
+    def data(
+        self,
+        model: T2IModel,
+        items: Sequence[Item],
+        *,
+        keep: SurrogateSet | Mapping[str, torch.Tensor] | None = None,
+        similarity: Similarity | None = None,
+        threshold: float | None = None,
+    ) -> tuple[dict[str, SISSData], dict[str, str]]:
+        """The variant's data per item: ``({item id: SISSData}, {item id: why it has none})``."""
+        if self.variant != "surrogates":
+            if keep is not None:
+                raise DoriError(
+                    f"SISS variant {self.variant!r} builds its own data; keep= is for 'surrogates'"
+                )
+            return siss_data(
+                model, items, self.variant, similarity, threshold, n_images=self.n_images, seed=self.seed
+            )
+        if keep is None:
+            raise DoriError("SISS variant 'surrogates' needs keep= (surrogate images per item)")
+        keep_images = keep.images if isinstance(keep, SurrogateSet) else keep
+        data, failed = {}, {}
+        for it in items:
+            k_imgs = keep_images.get(it.id)
+            if it.image is None or k_imgs is None or len(k_imgs) == 0:
+                failed[it.id] = "no training image" if it.image is None else "no keep images"
+                continue
+            data[it.id] = SISSData(it.prompt, k_imgs, it.image[None])
+        return data, failed
 
     def __call__(
         self,
@@ -102,43 +169,53 @@ class SISS:
         items: Sequence[Item],
         out: str | Path | None = None,
         *,
-        keep: SurrogateSet | Mapping[str, torch.Tensor],
-        forget: Mapping[str, torch.Tensor] | None = None,
+        data: Mapping[str, SISSData] | None = None,
+        keep: SurrogateSet | Mapping[str, torch.Tensor] | None = None,
+        similarity: Similarity | None = None,
+        threshold: float | None = None,
         log: Callable[[dict], None] | None = None,
     ) -> dict[str, T2IModel | Path]:
         """Unlearn each item from its own copy of the original model.
 
         Args:
-            keep: per item id, images to keep (B, 3, H, W) (a :class:`SurrogateSet` works).
-            forget: per item id, images to forget; default: the item's training image alone.
+            data: per item id, its prompt, keep and forget images; default: built by the variant's recipe
+                (:meth:`data`; ``keep`` for ``surrogates``, ``similarity``/``threshold`` for ``paper``).
             out: folder; each item's model goes to ``out/<item id>/`` (skipped if already there, so a killed
                 run resumes) and the result maps ids to those folders. Without ``out`` the models are
                 returned in memory.
 
         Returns:
-            item id -> fine-tuned model (or its folder); items without keep images are left out.
+            item id -> fine-tuned model (or its folder); items without data are left out.
         """
         if out is not None:  # before any work: never over the input model or a run of other settings
             claim_output(out, model, self.name, self.settings(), [it.id for it in items])
-        keep_images = keep.images if isinstance(keep, SurrogateSet) else keep
         result: dict[str, T2IModel | Path] = {}
+        todo = [
+            it for it in items if out is None or not (Path(out) / safe_key(it.id) / "finetune.json").exists()
+        ]
         for it in items:
-            k_imgs = keep_images.get(it.id)
-            f_imgs = (
-                forget.get(it.id) if forget is not None else (None if it.image is None else it.image[None])
-            )
-            if k_imgs is None or f_imgs is None or len(k_imgs) == 0 or len(f_imgs) == 0:
+            if it not in todo:
+                result[it.id] = Path(out) / safe_key(it.id)
+        failed: dict[str, str] = {}
+        if data is None and todo:
+            data, failed = self.data(model, todo, keep=keep, similarity=similarity, threshold=threshold)
+        for it in todo:
+            d = (data or {}).get(it.id)
+            if d is None:
                 continue
-            folder = None if out is None else Path(out) / safe_key(it.id)
-            if folder is not None and (folder / "finetune.json").exists():
-                result[it.id] = folder
-                continue
-            unlearned = self.unlearn(model, it, k_imgs, f_imgs, log=log)
-            if folder is None:
+            unlearned = self.unlearn(model, it, d.keep, d.forget, prompt=d.prompt, log=log)
+            if out is None:
                 result[it.id] = unlearned
             else:
-                record = {"method": self.name, "settings": self.settings(), "items": [it.id]}
-                result[it.id] = save_finetuned(unlearned, folder, record)
+                record = {
+                    "method": self.name,
+                    "settings": self.settings(),
+                    "items": [it.id],
+                    "data": d.summary(),
+                }
+                result[it.id] = save_finetuned(unlearned, Path(out) / safe_key(it.id), record)
+        if failed and log is not None:
+            log({"kind": "skipped", "items": failed})
         return result
 
     def unlearn(
@@ -147,19 +224,19 @@ class SISS:
         item: Item,
         keep: torch.Tensor,
         forget: torch.Tensor,
+        prompt: str | None = None,
         log: Callable[[dict], None] | None = None,
     ) -> T2IModel:
-        """SISS for one item on a fresh copy of ``model``; returns the copy."""
+        """SISS for one item on a fresh copy of ``model``, conditioned on ``prompt`` (default: the item's)."""
         ft = trainable_copy(model)
         ft.unet.requires_grad_(True)
         params = list(ft.unet.parameters())
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        x_keep = encode_in_batches(ft, keep).float()
-        x_del = encode_in_batches(ft, forget).float()
-        y = ft.encode_text([item.prompt]).float()
-        n, k = len(x_keep) + len(x_del), len(x_del)
-        c_keep, c_del = n / (n - k), k / (n - k)
-        gen = torch.Generator().manual_seed(self.seed)
+        x_keep = LatentPosterior(ft, keep, self.latent_sample)
+        x_del = LatentPosterior(ft, forget, self.latent_sample)
+        y = ft.encode_text([prompt or item.prompt]).float()
+        gen = torch.Generator().manual_seed(self.seed)  # latents, noise, mixture choice (reference order)
+        pick = torch.Generator().manual_seed(self.seed + 1)  # which images
         alphas = ft.scheduler.alphas_cumprod.to(ft.device, torch.float32)
         scaling = self.scaling_norm
         device, b = ft.device, self.batch_size
@@ -169,23 +246,16 @@ class SISS:
             g_del = [torch.zeros_like(p) for p in params]
             l_keep_sum = l_del_sum = 0.0
             for _ in range(self.grad_accum):
-                x = x_keep[torch.randint(0, len(x_keep), (b,), generator=gen).to(device)]
-                a = x_del[torch.randint(0, len(x_del), (b,), generator=gen).to(device)]
-                t = torch.randint(0, ft.num_train_timesteps, (b,), generator=gen).to(device)
+                ik = torch.randint(0, len(x_keep), (b,), generator=pick)
+                ia = torch.randint(0, len(x_del), (b,), generator=pick)
+                x, a = x_keep.sample(ik, gen), x_del.sample(ia, gen)
                 eps = torch.randn(x.shape, generator=gen).to(device)
-                from_a = (torch.rand(b, generator=gen) < self.lam).to(device).view(-1, 1, 1, 1)
-                gamma = alphas[t].sqrt().view(-1, 1, 1, 1)
-                sigma = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
-                m = gamma * torch.where(from_a, a, x) + sigma * eps
-                w_x, w_a = mixture_weights(m, x, a, gamma, sigma, self.lam)
-                pred = ft.unet_forward(m, t, y.expand(b, -1, -1)).float()
-                # what the UNet should predict for m_t if it came from x (or a): the scheduler's target
-                target_x = ft.target(x, (m - gamma * x) / sigma, t).float()
-                target_a = ft.target(a, (m - gamma * a) / sigma, t).float()
-                err_x = (target_x - pred).pow(2).flatten(1).mean(1)
-                err_a = (target_a - pred).pow(2).flatten(1).mean(1)
-                l_keep = (c_keep * w_x * err_x).mean() / self.grad_accum
-                l_del = (c_del * w_a * err_a).mean() / self.grad_accum
+                if self.timestep is None:
+                    t = torch.randint(0, ft.num_train_timesteps, (b,), generator=gen).to(device)
+                else:
+                    t = torch.full((b,), self.timestep, dtype=torch.long, device=device)
+                from_a = (~(torch.rand(b, generator=gen) > self.lam)).to(device).view(-1, 1, 1, 1)
+                l_keep, l_del = self.losses(ft, x, a, eps, from_a, t, y, alphas)
                 gk = torch.autograd.grad(l_keep, params, retain_graph=True, allow_unused=True)
                 gd = torch.autograd.grad(l_del, params, allow_unused=True)
                 for acc, g in zip(g_keep, gk, strict=True):
@@ -220,3 +290,61 @@ class SISS:
                     }
                 )
         return finish(ft)
+
+    def losses(
+        self,
+        ft: T2IModel,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        eps: torch.Tensor,
+        from_a: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        alphas: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_keep and L_del of one micro-batch (summed over C x H x W, divided by batch and accumulation)."""
+        b = x.shape[0]
+        gamma = alphas[t].sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        m = gamma * torch.where(from_a, a, x) + sigma * eps
+        w_x, w_a = mixture_weights(m, x, a, gamma, sigma, self.lam)
+        pred = ft.unet_forward(m, t, y.expand(b, -1, -1)).float()
+        # what the UNet should predict for m_t if it came from x (or a): the scheduler's target
+        target_x = ft.target(x, (m - gamma * x) / sigma, t).float()
+        target_a = ft.target(a, (m - gamma * a) / sigma, t).float()
+        err_x = (target_x - pred).pow(2).flatten(1).sum(1)
+        err_a = (target_a - pred).pow(2).flatten(1).sum(1)
+        scale = b * self.grad_accum
+        return (w_x * err_x).sum() / scale, (w_a * err_a).sum() / scale
+
+
+class LatentPosterior:
+    """Images in the model's space, drawn per use: a VAE posterior sample (mean + std * N(0, I), times the
+    scaling factor, as ``latent_dist.sample()``) or its mean; pixel-space models give the images in [-1, 1]."""
+
+    def __init__(self, model: T2IModel, images: torch.Tensor, sample: bool = True) -> None:
+        self.sample_latents = sample and model.vae is not None
+        self.factor = 1.0 if model.vae is None else float(model.vae.config.scaling_factor)
+        if self.sample_latents:
+            means, stds = [], []
+            with torch.no_grad():
+                for i in range(0, len(images), 32):
+                    x = images[i : i + 32].to(model.device, model.dtype) * 2 - 1
+                    dist = model.vae.encode(x).latent_dist
+                    means.append(dist.mean.float())
+                    stds.append(dist.std.float())
+            self.mean, self.std = torch.cat(means), torch.cat(stds)
+        else:
+            self.mean, self.std = encode_in_batches(model, images).float(), None
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Rows ``idx``; a fresh posterior sample for each (drawn on the CPU from ``gen``)."""
+        idx = idx.to(self.mean.device)
+        mean = self.mean[idx]
+        if self.std is None:
+            return mean
+        z = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+        return (mean + self.std[idx] * z) * self.factor
