@@ -28,14 +28,15 @@ def _items(n=2, seed=0):
 
 
 def test_esd_x_changes_only_cross_attention(tiny, tmp_path):
-    out = ESD(iterations=2, ddim_steps=3, lr=1e-3)(tiny, _items(), tmp_path / "esd")
+    fast = dict(sample_steps=3, resolution=None, dtype="float32")
+    out = ESD(iterations=2, lr=1e-3, **fast)(tiny, _items(), tmp_path / "esd")
     changed = changed_parameters(tiny.unet, out.unet)
     assert changed and all(".attn2." in n for n in changed)
     assert any(".attn2.to_k." in n for n in changed)
     assert (tmp_path / "esd" / "finetune.json").exists() and (tmp_path / "esd" / "unet").is_dir()
-    strict = ESD(iterations=1, ddim_steps=2, lr=1e-3, parameters="esd-x-strict")(tiny, _items(1))
+    strict = ESD(iterations=1, lr=1e-3, parameters="esd-x-strict", **fast)(tiny, _items(1))
     assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed_parameters(tiny.unet, strict.unet))
-    u = ESD(iterations=1, ddim_steps=2, lr=1e-3, parameters="esd-u")(tiny, _items(1))
+    u = ESD(iterations=1, lr=1e-3, parameters="esd-u", **fast)(tiny, _items(1))
     assert not any(".attn2." in n for n in changed_parameters(tiny.unet, u.unet))
     with pytest.raises(DoriError):
         ESD(parameters="nope")

@@ -228,6 +228,7 @@ def run(args) -> int:
         esd = ESD(
             iterations=args.iterations or 200, lr=args.lr or 5e-5, negative_guidance=args.negative_guidance,
             parameters=args.parameters or "esd-x", seed=args.seed,
+            resolution=None, dtype="float32",  # the model's own size in float32 (options follow issue 20's split)
         )  # fmt: skip
         esd(model, items, out)
         summary["settings"] = esd.settings()

@@ -2,30 +2,44 @@
 Appendix G.2, Table 5).
 
 ESD fine-tunes a copy theta of the model so that its prediction for the concept c follows negative guidance
-away from it, computed with the frozen original theta*::
+away from it, computed with the frozen original theta* (``esd_sd.py`` of the reference, in its order of
+random draws)::
 
     for i in 1..iterations:
         c <- the next memorized prompt (cycled in order)
-        x_t <- DDIM from x_T ~ N(0, I) with theta, prompt c, guidance 3, stopped at a random one of 50 steps
-        target = eps_theta*(x_t, t, "") - eta * (eps_theta*(x_t, t, c) - eps_theta*(x_t, t, ""))
-        loss = || eps_theta(x_t, t, c) - target ||^2          Adam step on the chosen parameters
+        k <- randint(0, steps - 1); s <- randint(0, 2^15)            (Python's random, seeded)
+        x_t <- the frozen theta*'s pipeline from x_T ~ N(0, I) (generator seeded s), prompt c, guidance 3,
+               stopped after k of 50 scheduler steps; t = the scheduler's k-th timestep
+        target = eps_theta*(x_t, t, c) - eta * (eps_theta*(x_t, t, c) - eps_theta*(x_t, t, ""))
+        loss = mean (eps_theta(x_t, t, c) - target)^2                 Adam step on the chosen parameters
 
-The memorized prompt is the concept (METHODS.md §8: "erase the memorized prompt as the concept"), and all
-memorized prompts are erased into one model, as Finding Dori evaluates one ESD model on all VM items.
+The memorized prompt is the concept (METHODS.md §8: "erase the memorized prompt as the concept").
 
-Parameter sets (the reference code's ``train_method``): ``esd-x`` (default: the cross-attention layers
-``attn2``), ``esd-u`` (everything except ``attn2``), ``esd-all`` (the whole UNet), ``esd-x-strict`` (only
-``attn2.to_k`` and ``attn2.to_v``).
+Parameter sets (the reference's ``train_method``; only the weights of Linear and Conv2d modules):
+``esd-x`` (default: modules under ``attn2``), ``esd-u`` (every other Linear/Conv2d), ``esd-all`` (every
+Linear/Conv2d), ``esd-x-strict`` (``attn2.to_k`` and ``attn2.to_v``). Normalization layers are never trained.
 
-Reference settings (rohitgandikota/erasing, ``esd_sd.py``): 200 iterations, Adam lr 5e-5, negative guidance
-eta = 2, guidance 3 for sampling x_t, 50 DDIM steps. Finding Dori ran ESD about 10x longer than the ESD
-paper (10k steps for 112 prompts, about 90 per prompt) until its effect plateaued. The defaults here are the
-reference ones; the miniworld recipe (``experiments/table5_adversarial_ft.py``) sets iterations per item the
-way the Dori paper did and records what it used.
+Reference settings (rohitgandikota/erasing @ 25613d2, ``esd_sd.py``): 200 iterations, Adam lr 5e-5, negative
+guidance eta = 2, guidance 3 for sampling x_t, 50 steps of the pipeline's scheduler (PNDM for SD v1.4),
+1024 x 1024 pixels, both UNets, the text encoder and the optimizer in bfloat16. These are the defaults
+(``variant="reference"``). ``variant="paper"``: Finding Dori ran ESD 10k iterations for its 112 prompts
+(about 90 per prompt; "10 times longer than in their paper"); it is the default iteration count of that
+variant, everything else as the reference. ``tests/test_parity_esd.py`` checks targets, losses and the
+trained weights against numbers from the reference code.
+
+Deviations from the reference:
+
+* one model erases all memorized prompts (cycled in order), as Finding Dori evaluates one ESD model on all
+  VM items; the reference erases one concept per run;
+* the trained UNet is returned (and saved) in the input model's dtype after training in ``dtype``;
+* ``resolution`` is the reference's 1024 px by default; the miniworld recipe uses the world's own size
+  (64 px): 1024 px is 16x a miniworld image's side (and the miniworld recipe runs in float32, ``dtype``);
+* the ``ddim`` scheduler (dori's earlier choice) is available as ``scheduler="ddim"``.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,25 +47,41 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from diffusers import DDIMScheduler, PNDMScheduler
 
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.mitigations.checkpoints import claim_output
-from dori.mitigations.training import (
-    finish,
-    make_trainable,
-    save_finetuned,
-    select_parameters,
-    trainable_copy,
-)
+from dori.mitigations.training import finish, make_trainable, save_finetuned, trainable_copy
 from dori.models.pipeline import T2IModel
 
-PARAMETER_SETS: dict[str, tuple[str | None, str | None]] = {
-    "esd-x": (r"\.attn2\.", None),
-    "esd-u": (None, r"\.attn2\."),
-    "esd-all": (None, None),
-    "esd-x-strict": (r"\.attn2\.to_[kv]\.", None),
-}
+PARAMETER_SETS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
+VARIANTS = {"reference": 200, "paper": 10_000}  # default iterations
+SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_TRAINABLE_MODULES = ("Linear", "Conv2d", "LoRACompatibleLinear", "LoRACompatibleConv")
+
+
+def esd_parameter_names(unet: torch.nn.Module, method: str) -> list[str]:
+    """Names of the parameters the reference trains for ``method`` (Linear/Conv2d modules only)."""
+    if method not in PARAMETER_SETS:
+        raise DoriError(f"unknown ESD parameter set {method!r}; use one of {list(PARAMETER_SETS)}")
+    names = []
+    for name, module in unet.named_modules():
+        if type(module).__name__ not in _TRAINABLE_MODULES:
+            continue
+        strict = "attn2.to_k" in name or "attn2.to_v" in name
+        take = {
+            "esd-x": "attn2" in name,
+            "esd-u": "attn2" not in name,
+            "esd-all": True,
+            "esd-x-strict": strict,
+        }[method]
+        if take:
+            names += [f"{name}.{n}" for n, _ in module.named_parameters()]
+    if not names:
+        raise DoriError(f"ESD parameter set {method!r} selects nothing in this UNet")
+    return names
 
 
 @dataclass
@@ -59,23 +89,32 @@ class ESD:
     """ESD (see module docstring).
 
     Args:
-        iterations: optimizer steps in total (prompts are cycled).
+        iterations: optimizer steps in total (prompts are cycled); None: the variant's (reference 200,
+            paper 10,000).
         lr: Adam learning rate.
         negative_guidance: eta.
         sample_guidance: classifier-free guidance when sampling x_t.
-        ddim_steps: DDIM steps of the x_t sampling schedule (the stop step is uniform over them).
+        sample_steps: scheduler steps of the x_t sampling run (the stop step is uniform over them).
+        scheduler: ``pndm`` (the reference pipeline's, SD v1.4) or ``ddim``.
+        resolution: image side in pixels of the x_t samples; None: the model's own size.
+        dtype: ``bfloat16`` (reference) or ``float32``: UNets, text encoder and optimizer during training.
         parameters: ``esd-x``, ``esd-u``, ``esd-all`` or ``esd-x-strict``.
-        seed: seeds x_T, the stop steps and Python's ``random`` use here.
+        variant: ``reference`` or ``paper`` (module docstring).
+        seed: seeds Python's ``random`` that draws the stop steps and the noise seeds.
     """
 
     name: ClassVar[str] = "esd"
 
-    iterations: int = 200
+    iterations: int | None = None
     lr: float = 5e-5
     negative_guidance: float = 2.0
     sample_guidance: float = 3.0
-    ddim_steps: int = 50
+    sample_steps: int = 50
+    scheduler: str = "pndm"
+    resolution: int | None = 1024
+    dtype: str = "bfloat16"
     parameters: str = "esd-x"
+    variant: str = "reference"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +122,15 @@ class ESD:
             raise DoriError(
                 f"unknown ESD parameter set {self.parameters!r}; use one of {sorted(PARAMETER_SETS)}"
             )
+        for value, allowed, what in (
+            (self.variant, VARIANTS, "variant"),
+            (self.scheduler, SCHEDULERS, "scheduler"),
+            (self.dtype, DTYPES, "dtype"),
+        ):
+            if value not in allowed:
+                raise DoriError(f"unknown ESD {what} {value!r}; use one of {sorted(allowed)}")
+        if self.iterations is None:
+            self.iterations = VARIANTS[self.variant]
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,31 +147,35 @@ class ESD:
             raise DoriError("ESD needs at least one prompt to erase")
         if out is not None:  # before any work: never over the input model or a run of other settings
             claim_output(out, model, self.name, self.settings(), [it.id for it in items])
+        dtype = DTYPES[self.dtype]
         esd = trainable_copy(model)
-        include, exclude = PARAMETER_SETS[self.parameters]
-        params = make_trainable(esd.unet, select_parameters(esd.unet, include, exclude))
+        out_dtype = esd.dtype
+        torch.nn.Module.to(esd.unet, dtype)  # (diffusers' own .to warns about dtype casts)
+        params = make_trainable(esd.unet, esd_parameter_names(esd.unet, self.parameters))
         opt = torch.optim.Adam(params, lr=self.lr)
-        frozen = model.unet
-        cond = esd.encode_text([it.prompt for it in items])
-        null = esd.null_embedding()
+        frozen = model.unet if model.dtype == dtype else torch.nn.Module.to(copy.deepcopy(model.unet), dtype)
+        text = model.text_encoder
+        if next(text.parameters()).dtype != dtype:  # the reference encodes with the pipeline's dtype
+            text = copy.deepcopy(text).to(dtype)
+        with torch.no_grad():
+            cond = torch.cat([text(model.tokenize([it.prompt]))[0] for it in items]).to(dtype)
+            null = text(model.tokenize([""]))[0].to(dtype)
+        del text
         rng = random.Random(self.seed)
-        gen = torch.Generator().manual_seed(self.seed)
-        sched = esd.ddim_scheduler(self.ddim_steps)
         esd.unet.train()
         for i in range(self.iterations):
             j = i % len(items)
             c = cond[j : j + 1]
-            stop = rng.randrange(self.ddim_steps)
-            x_t, t = self._sample_until(esd, c, null, sched, stop, gen)
+            stop = rng.randint(0, self.sample_steps - 1)
+            seed = rng.randint(0, 2**15)
+            x_t, t = self.sample_until(model, frozen, c, null, stop, seed, dtype)
             with torch.no_grad():
-                both = frozen(
-                    torch.cat([x_t, x_t]), t.repeat(2), encoder_hidden_states=torch.cat([null, c])
-                ).sample
-                e_null, e_concept = both.float().chunk(2)
-            target = e_null - self.negative_guidance * (e_concept - e_null)
+                e_concept = frozen(x_t, t, encoder_hidden_states=c).sample
+                e_null = frozen(x_t, t, encoder_hidden_states=null).sample
+            target = e_concept - self.negative_guidance * (e_concept - e_null)
             opt.zero_grad(set_to_none=True)
-            pred = esd.unet(x_t, t, encoder_hidden_states=c).sample.float()
-            loss = (pred - target).pow(2).mean()
+            pred = esd.unet(x_t, t, encoder_hidden_states=c).sample
+            loss = torch.nn.functional.mse_loss(pred, target)
             loss.backward()
             opt.step()
             if log is not None:
@@ -134,8 +186,10 @@ class ESD:
                         "item": items[j].id,
                         "t": int(t),
                         "loss": float(loss.detach()),
+                        "target_norm": float(target.float().norm()),
                     }
                 )
+        torch.nn.Module.to(esd.unet, out_dtype)
         finish(esd)
         if out is not None:
             save_finetuned(
@@ -143,23 +197,38 @@ class ESD:
             )
         return esd
 
+    def make_scheduler(self, model: T2IModel) -> Any:
+        """The x_t sampling scheduler from the model's training schedule, set to ``sample_steps``."""
+        config = dict(model.scheduler.config)
+        if self.scheduler == "pndm":
+            config["skip_prk_steps"] = True  # as SD v1.4's scheduler folder
+        sched = SCHEDULERS[self.scheduler].from_config(config)
+        sched.set_timesteps(self.sample_steps)
+        return sched
+
     @torch.no_grad()
-    def _sample_until(
+    def sample_until(
         self,
         model: T2IModel,
+        unet: torch.nn.Module,
         cond: torch.Tensor,
         null: torch.Tensor,
-        sched: Any,
         stop: int,
-        gen: torch.Generator,
+        seed: int,
+        dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DDIM with guidance from fresh noise through ``stop`` steps; returns x_t and the next timestep t."""
-        x = torch.randn((1, *model.sample_shape), generator=gen).to(model.device, model.dtype)
+        """The pipeline's sampling with ``unet`` (guidance, ``dtype``) through ``stop`` steps: x_t and t."""
+        sched = self.make_scheduler(model)
+        c, h, w = model.sample_shape
+        if self.resolution is not None:
+            factor = model.image_size // h
+            h = w = self.resolution // factor
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((1, c, h, w), generator=gen, dtype=dtype).to(model.device)
         x = x * sched.init_noise_sigma
-        timesteps = sched.timesteps
-        for step_t in timesteps[:stop]:
-            eps = model.predict_noise(
-                sched.scale_model_input(x, step_t), step_t.to(model.device), cond, null, self.sample_guidance
-            )
-            x = sched.step(eps, step_t, x).prev_sample
-        return x, timesteps[stop].reshape(1).to(model.device)
+        emb = torch.cat([null, cond])
+        for step_t in sched.timesteps[:stop]:
+            inp = sched.scale_model_input(torch.cat([x, x]), step_t)
+            u, ct = unet(inp, step_t, encoder_hidden_states=emb).sample.chunk(2)
+            x = sched.step(u + self.sample_guidance * (ct - u), step_t, x).prev_sample
+        return x, sched.timesteps[stop].to(model.device)
