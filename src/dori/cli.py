@@ -9,7 +9,18 @@ import sys
 
 from dori.errors import DoriError
 
-COMMANDS = ["models", "data", "miniworld", "analyze", "audit", "report", "mitigate", "finetune", "demo"]
+COMMANDS = [
+    "models",
+    "data",
+    "miniworld",
+    "analyze",
+    "audit",
+    "detect",
+    "report",
+    "mitigate",
+    "finetune",
+    "demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
