@@ -44,24 +44,24 @@ def test_esd_x_changes_only_cross_attention(tiny, tmp_path):
 
 def test_concept_ablation_runs_filters_replicas_and_moves_the_prompt(tiny):
     items = _items(1)
-    ca = ConceptAblation(steps=2, lr=1e-3, scale_lr=False, anchor_images=4, sampling=SamplingConfig(steps=2))
-    sims = []
+    ca = ConceptAblation(steps=2, lr=1e-3, scale_lr=False, anchor_images=4, anchor_steps=2)
+    assert ConceptAblation().learning_rate == pytest.approx(2e-6)  # 5e-7 x batch 2 x 2 (prior), as --scale_lr
+    assert ConceptAblation(variant="paper").steps == 12_000 and ConceptAblation().steps == 400
 
-    def similarity(gen, ref):  # the first two anchor images count as replicas
-        sims.append(len(gen))
-        return torch.tensor([0.9, 0.9, 0.1, 0.1])
+    def similarity(gen, ref):  # the first two anchor images count as replicas (above 0.5)
+        return torch.tensor([0.9, 0.51, 0.5, 0.1])
 
-    anchors, failed = ca.anchor_set(tiny, items, ["a square", "a shape"], similarity, 0.7)
+    anchors, failed = ca.anchor_set(tiny, items, ["a square", "a shape"], similarity)
     assert len(anchors["m0"][0]) == 2 and not failed
-    out = ca(tiny, items, anchors={"m0": ["a square"]})
+    seen = []
+    out = ca(tiny, items, anchors={"m0": ["a square"]}, log=seen.append)
     assert len(changed_parameters(tiny.unet, out.unet)) > 0.5 * len(list(tiny.unet.parameters()))
-    xattn = ConceptAblation(
-        steps=1, lr=1e-3, anchor_images=2, parameters="cross-attn", sampling=SamplingConfig(steps=2)
-    )
+    assert seen[-1]["lr"] == 1e-3 and seen[-1]["l_ablate"] >= 0
+    xattn = ConceptAblation(steps=1, lr=1e-3, anchor_images=2, parameters="cross-attn", anchor_steps=2)
     changed = changed_parameters(tiny.unet, xattn(tiny, items, anchors=lambda it: ["x " + it.prompt]).unet)
     assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
     with pytest.raises(DoriError, match="no item"):
-        ca(tiny, items, anchors=["a"], similarity=lambda g, r: torch.ones(len(g)), threshold=0.5)
+        ca(tiny, items, anchors=["a"], similarity=lambda g, r: torch.ones(len(g)))
 
 
 def test_miniworld_anchors_keep_the_kind_and_avoid_other_titles():

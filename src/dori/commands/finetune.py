@@ -235,7 +235,7 @@ def run(args) -> int:
     elif args.method == "ca":
         from dori.mitigations.concept_ablation import ConceptAblation
 
-        similarity, threshold = _replica_check(args, model)
+        similarity, _ = _replica_check(args, model)  # anchors kept at <= 0.5, the reference's rule
         ca = ConceptAblation(
             steps=args.iterations or 400, lr=args.lr or 5e-7, parameters=args.parameters or "full-weight",
             anchor_images=args.anchor_images, seed=args.seed,
@@ -246,7 +246,6 @@ def run(args) -> int:
             out,
             anchors=_anchors(args, model, items),
             similarity=similarity,
-            threshold=threshold,
         )
         summary["settings"] = ca.settings()
     else:

@@ -2,48 +2,70 @@
 
 Concept Ablation maps a target concept onto an anchor concept. For a memorized image the target is the
 memorized prompt and the anchors are paraphrases of it; anchor images are generated from the anchor prompts
-by the original model, and those that replicate the memorized image are dropped (the reference code checks
-them with SSCD). Then, with the model-based objective::
+by the original model, and those the copy detector finds too close to the memorized image are dropped.
+Then, with the model-based objective, each step takes ``batch_size`` ablation samples and as many prior
+samples (anchor images with their own prompts)::
 
-    (x, p_anchor) ~ anchor images and their prompts;  x_t = noised x;  t ~ U{0..T-1}
-    L_ablate = || eps_theta(x_t, t, y_mem) - sg(eps_theta(x_t, t, y_anchor)) ||^2
-    L_prior  = || eps' - eps_theta(x'_t, t', y_anchor') ||^2           (prior preservation on anchor pairs)
-    L = L_ablate + prior_loss_weight * L_prior                          Adam step on the chosen parameters
+    ablation: anchor image x (flipped at random, resize-augmented: mask M, prefix P), its prompt p_a
+    L_ablate = mean over samples of  sum(M * (eps_theta(x_t, t, y(P + p_mem)) - sg(eps_theta(x_t, t, y(p_a))))^2) / sum(M)
+    L_prior  = mean (eps - eps_theta(x'_t, t', y(p_a')))^2           (prior preservation on anchor pairs)
+    L = L_ablate + prior_loss_weight * L_prior; gradients clipped to norm 1; AdamW step
 
 so the memorized prompt comes to predict what its paraphrases predict (``sg``: the current model without
-gradient). Horizontal flips augment the anchor images (``--hflip``).
+gradient; the mask sum counts latent cells, not channels, as in the reference). Latents are VAE posterior
+samples; x_t uses one noise draw and one t ~ U{0..T-1} per sample. The reference's attention processor
+passes no gradient through the first token's key and value in cross-attention; dori does the same with
+hooks on ``attn2.to_k``/``attn2.to_v`` (forward values unchanged). Resize augmentation and anchor sampling:
+:mod:`dori.mitigations.concept_ablation_data`.
 
-Reference settings (nupurkmr9/concept-ablation, memorization example): full-weight fine-tuning, batch 2,
-lr 5e-7 scaled by the batch size (``--scale_lr``), 400 steps, prior loss weight 1, 1000 anchor images per
-memorized prompt generated from LLM paraphrases. Finding Dori ran it 12k steps for all VM prompts (15x the
-original) and lost 7 prompts that had no paraphrase free of replication. On the miniworld the anchors come
-from its caption grammar (:func:`miniworld_anchors`) instead of an LLM; any callable, mapping or list of
-anchor prompts can be passed instead.
+Reference settings (nupurkmr9/concept-ablation @ c11fb1b, ``diffusers/train.py``, ``utils.py``, memorization
+example): full-weight fine-tuning, batch 2, lr 5e-7 with ``--scale_lr`` (x batch x GPUs x accumulation, x 2
+with prior preservation: 2e-6 on one GPU), AdamW (betas 0.9/0.999, weight decay 1e-2, eps 1e-8), constant
+schedule, clipping 1.0, 400 steps, prior loss weight 1, hflip, resize augmentation on, 1000 anchor images
+per memorized prompt from DPM-Solver 25 steps at guidance 6, kept if their SSCD similarity to the memorized
+image is at most 0.5. These are the defaults (``variant="reference"``). ``variant="paper"``: Finding Dori ran
+12k steps for all its VM prompts ("15 times longer"); that is its default step count, the rest as the
+reference. ``tests/test_parity_ca.py`` checks the augmentation draws, loss, learning rate and one step against
+numbers from the reference code.
+
+Deviations from the reference:
+
+* anchor prompts: the reference asks an LLM (Llama-3-8B-Instruct by default; ChatGPT in Finding Dori) for
+  paraphrases and may add LLM-found target prompts to the caption target; dori takes them from the caller
+  (a file for SD) or from the miniworld's caption grammar (:func:`miniworld_anchors`), and ablates the
+  memorized prompt alone;
+* the copy detector is the one the caller passes (the reference: ``sscd_imagenet_mixup`` at 288 px; the
+  miniworld: its stand-in), compared with the same rule (similarity <= ``anchor_threshold``);
+* anchors are generated per image from seeded noise (the reference: the global generator, batches of 4,
+  fp16 on a GPU) and at the model's own size (the reference: 512 px);
+* one model ablates all memorized prompts together (Finding Dori's setting); the reference runs one concept
+  (or a list) per run; dori's draws (order, flips, noise) come from its own seeded generators.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.mitigations.checkpoints import claim_output
+from dori.mitigations.concept_ablation_data import Augment, draw_augment, generate_anchors, resize_augment
 from dori.mitigations.surrogates import Similarity
 from dori.mitigations.training import (
-    encode_in_batches,
     finish,
     make_trainable,
     save_finetuned,
     select_parameters,
     trainable_copy,
 )
-from dori.models.pipeline import SamplingConfig, T2IModel
+from dori.models.pipeline import T2IModel
 
 Anchors = Callable[[Item], Sequence[str]] | Mapping[str, Sequence[str]] | Sequence[str]
 PARAMETER_SETS: dict[str, tuple[str | None, str | None]] = {
@@ -83,43 +105,72 @@ def miniworld_anchors(prompt: str, n: int = 8, avoid: Sequence[str] = (), seed: 
     return list(dict.fromkeys(out))[:n]
 
 
+VARIANTS = {"reference": 400, "paper": 12_000}  # default steps
+
+
 @dataclass
 class ConceptAblation:
     """Concept Ablation, memorization mode (see module docstring).
 
     Args:
-        steps: optimizer steps in total (all items together).
-        lr: base learning rate; multiplied by ``batch_size`` when ``scale_lr`` (the reference's ``--scale_lr``
-            on one GPU without accumulation).
-        scale_lr: scale ``lr`` by the batch size.
+        steps: optimizer steps in total (all items together); None: the variant's (400; paper 12,000).
+        lr: base learning rate; with ``scale_lr`` multiplied by ``batch_size`` and by 2 (prior preservation),
+            as the reference's ``--scale_lr`` on one GPU without accumulation.
+        scale_lr: scale ``lr`` as above.
         batch_size: anchor pairs per step (each contributes one ablation and one prior sample).
         prior_loss_weight: weight of L_prior.
+        weight_decay: AdamW weight decay.
+        grad_clip: max global gradient norm.
         parameters: ``full-weight`` (reference memorization setting) or ``cross-attn`` (attn2 to_k/to_v).
         anchor_images: anchor images generated per memorized item (reference: 1000).
+        anchor_steps, anchor_guidance: DPM-Solver steps and guidance of the anchor images.
+        anchor_threshold: anchors whose similarity to the memorized image exceeds this are dropped.
         hflip: random horizontal flips of anchor images.
-        sampling: settings for generating anchor images.
-        seed: seeds generation, draws and flips.
+        augment: the resize augmentation with its loss mask and prompt prefixes.
+        detach_bos: no gradient through the first token's cross-attention key and value.
+        latent_sample: VAE posterior samples (reference) instead of the posterior mean.
+        variant: ``reference`` or ``paper`` (module docstring).
+        seed: seeds generation, order, flips, augmentation and noise.
     """
 
     name: ClassVar[str] = "ca"
 
-    steps: int = 400
+    steps: int | None = None
     lr: float = 5e-7
     scale_lr: bool = True
     batch_size: int = 2
     prior_loss_weight: float = 1.0
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
     parameters: str = "full-weight"
     anchor_images: int = 1000
+    anchor_steps: int = 25
+    anchor_guidance: float = 6.0
+    anchor_threshold: float = 0.5
     hflip: bool = True
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
+    augment: bool = True
+    detach_bos: bool = True
+    latent_sample: bool = True
+    variant: str = "reference"
+    seed: int = 42
 
     def __post_init__(self) -> None:
         if self.parameters not in PARAMETER_SETS:
             raise DoriError(f"unknown parameter set {self.parameters!r}; use one of {sorted(PARAMETER_SETS)}")
+        if self.variant not in VARIANTS:
+            raise DoriError(
+                f"unknown Concept Ablation variant {self.variant!r}; use one of {sorted(VARIANTS)}"
+            )
+        if self.steps is None:
+            self.steps = VARIANTS[self.variant]
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate used: ``lr`` x batch x 2 (prior preservation) with ``scale_lr``."""
+        return self.lr * self.batch_size * 2.0 if self.scale_lr else self.lr
 
     def anchor_set(
         self,
@@ -127,15 +178,12 @@ class ConceptAblation:
         items: Sequence[Item],
         anchors: Anchors,
         similarity: Similarity | None = None,
-        threshold: float | None = None,
     ) -> tuple[dict[str, tuple[torch.Tensor, list[str]]], dict[str, str]]:
-        """Generate anchor images per item and drop replicas of the item's image.
+        """Generate anchor images per item and drop those too close to the item's image.
 
         Returns:
             ``({item id: (images (k, 3, H, W), their prompts)}, {item id: why it has no anchors})``.
         """
-        if (similarity is None) != (threshold is None):
-            raise DoriError("pass both similarity and threshold, or neither")
         kept: dict[str, tuple[torch.Tensor, list[str]]] = {}
         failed: dict[str, str] = {}
         for it in items:
@@ -145,9 +193,9 @@ class ConceptAblation:
                 continue
             use = [prompts[j % len(prompts)] for j in range(self.anchor_images)]
             seeds = [self.seed + j for j in range(self.anchor_images)]
-            imgs = model.generate(use, seeds, self.sampling)
+            imgs = generate_anchors(model, use, seeds, self.anchor_steps, self.anchor_guidance)
             if similarity is not None and it.image is not None:
-                ok = similarity(imgs, it.image.unsqueeze(0).expand_as(imgs)) < threshold
+                ok = similarity(imgs, it.image.unsqueeze(0).expand_as(imgs)).cpu() <= self.anchor_threshold
                 imgs = imgs[ok]
                 use = [p for p, k in zip(use, ok.tolist(), strict=True) if k]
             if not use:
@@ -164,7 +212,6 @@ class ConceptAblation:
         *,
         anchors: Anchors,
         similarity: Similarity | None = None,
-        threshold: float | None = None,
         log: Callable[[dict], None] | None = None,
     ) -> T2IModel:
         """Ablate the items' memorized prompts onto their anchors in a copy of ``model``.
@@ -172,72 +219,141 @@ class ConceptAblation:
         Args:
             anchors: per item, its anchor prompts: a callable ``anchors(item)``, a mapping item id -> prompts,
                 or one list for every item.
-            similarity, threshold: copy-detector check that drops anchor images replicating the item
-                (both or neither).
+            similarity: copy detector that drops anchor images above ``anchor_threshold`` (None: keep all).
         """
         if out is not None:  # before any work: never over the input model or a run of other settings
             claim_output(out, model, self.name, self.settings(), [it.id for it in items])
-        anchor_data, failed = self.anchor_set(model, items, anchors, similarity, threshold)
+        anchor_data, failed = self.anchor_set(model, items, anchors, similarity)
         if not anchor_data:
             raise DoriError(f"no item has usable anchor images: {failed}")
+        by_id = {it.id: it for it in items}
+        rows = [
+            (img, prompt, by_id[item_id].prompt)
+            for item_id, (imgs, prompts) in anchor_data.items()
+            for img, prompt in zip(imgs, prompts, strict=True)
+        ]
         ca = trainable_copy(model)
         include, exclude = PARAMETER_SETS[self.parameters]
         params = make_trainable(ca.unet, select_parameters(ca.unet, include, exclude))
-        lr = self.lr * self.batch_size if self.scale_lr else self.lr
-        opt = torch.optim.Adam(params, lr=lr)
-        by_id = {it.id: it for it in items}
-        # one row per anchor image: its latents (plain, flipped), its prompt embedding, its item's y_mem
-        lat, lat_flip, emb, mem = [], [], [], []
-        for item_id, (imgs, prompts) in anchor_data.items():
-            lat.append(encode_in_batches(ca, imgs).float())
-            lat_flip.append(encode_in_batches(ca, imgs.flip(-1)).float())
-            emb.append(ca.encode_text(prompts).float())
-            mem.append(ca.encode_text([by_id[item_id].prompt]).float().expand(len(prompts), -1, -1))
-        lat, lat_flip, emb, mem = (torch.cat(v) for v in (lat, lat_flip, emb, mem))
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        order = random.Random(self.seed)
+        instances = list(range(len(rows)))
+        order.shuffle(instances)  # as the reference shuffles its instance list once
+        np_rng = np.random.RandomState(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
-        device, b = ca.device, self.batch_size
+        perm: list[int] = []
+        hooks = bos_detach_hooks(ca.unet) if self.detach_bos else []
         ca.unet.train()
-        for step in range(self.steps):
-            rows = torch.randint(0, len(lat), (2 * b,), generator=gen)
-            flip = (
-                torch.rand(2 * b, generator=gen) < 0.5 if self.hflip else torch.zeros(2 * b, dtype=torch.bool)
-            )
-            x0 = torch.where(
-                flip.view(-1, 1, 1, 1).to(device), lat_flip[rows.to(device)], lat[rows.to(device)]
-            )
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, ca.num_train_timesteps, (2 * b,), generator=gen).to(device)
-            x_t = ca.add_noise(x0, noise, t)
-            abl, pri = rows[:b].to(device), rows[b:].to(device)
-            with torch.no_grad():
-                target_abl = ca.unet_forward(x_t[:b], t[:b], emb[abl]).float()
-            pred = ca.unet_forward(x_t, t, torch.cat([mem[abl], emb[pri]])).float()
-            l_abl = (pred[:b] - target_abl).pow(2).mean()
-            l_prior = (pred[b:] - ca.target(x0[b:], noise[b:], t[b:]).float()).pow(2).mean()
-            loss = l_abl + self.prior_loss_weight * l_prior
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if log is not None:
-                log(
-                    {
-                        "kind": "step",
-                        "step": step + 1,
-                        "l_ablate": float(l_abl.detach()),
-                        "l_prior": float(l_prior.detach()),
-                    }
-                )
+        try:
+            for step in range(self.steps):
+                if len(perm) < self.batch_size:  # a new epoch over the anchor rows
+                    perm = torch.randperm(len(rows), generator=gen).tolist()
+                batch, perm = perm[: self.batch_size], perm[self.batch_size :]
+                flips = [
+                    bool(torch.rand(1, generator=gen) < 0.5) and self.hflip for _ in range(2 * len(batch))
+                ]
+                inst = [rows[instances[i]] for i in batch]
+                prior = [rows[i] for i in batch]
+                augs = [draw_augment(np_rng, ca.image_size, self.augment) for _ in inst]
+                l_abl, l_prior = self.losses(ca, inst, prior, flips, augs, gen)
+                loss = l_abl + self.prior_loss_weight * l_prior
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                opt.step()
+                if log is not None:
+                    log(
+                        {
+                            "kind": "step",
+                            "step": step + 1,
+                            "loss": float(loss.detach()),
+                            "l_ablate": float(l_abl.detach()),
+                            "l_prior": float(l_prior.detach()),
+                            "lr": opt.param_groups[0]["lr"],
+                        }
+                    )
+        finally:
+            for h in hooks:
+                h.remove()
         finish(ca)
         if out is not None:
             record = {
                 "method": self.name,
                 "settings": self.settings(),
+                "learning_rate": self.learning_rate,
                 "items": sorted(anchor_data),
                 "skipped": failed,
                 "anchors": {k: sorted(set(v[1])) for k, v in anchor_data.items()},
             }
             save_finetuned(ca, out, record)
         return ca
+
+    def losses(
+        self,
+        ca: T2IModel,
+        inst: Sequence[tuple[torch.Tensor, str, str]],
+        prior: Sequence[tuple[torch.Tensor, str, str]],
+        flips: Sequence[bool],
+        augs: Sequence[Augment],
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_ablate and L_prior of one batch (rows: image in [0, 1], anchor prompt, memorized prompt).
+
+        ``flips`` holds one flag per instance then per prior row (the reference flips each example's
+        instance image, then its class image); ``augs`` one resize augmentation per instance row.
+        Random draws from ``gen`` in the reference's order: posterior sample, noise, timesteps.
+        """
+        b = len(inst)
+        factor = ca.image_size // ca.sample_shape[1]
+        pixels, masks = [], []
+        for k, ((img, _, _), aug) in enumerate(zip(inst, augs, strict=True)):
+            x, m = resize_augment(img.flip(-1) if flips[2 * k] else img, aug, factor)
+            pixels.append(x)
+            masks.append(m)
+        for k, (img, _, _) in enumerate(prior):
+            pixels.append((img.flip(-1) if flips[2 * k + 1] else img).float() * 2 - 1)
+        x = torch.stack(pixels).to(ca.device)
+        mask = torch.stack(masks).to(ca.device)
+        target_prompts = [aug.prefix + mem for (_, _, mem), aug in zip(inst, augs, strict=True)]
+        emb = ca.encode_text(target_prompts + [p for _, p, _ in prior]).float()
+        emb_anchor = ca.encode_text([p for _, p, _ in inst]).float()
+        x0 = encode_pixels(ca, x, gen if self.latent_sample else None)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, ca.num_train_timesteps, (2 * b,), generator=gen).to(x0.device)
+        x_t = ca.add_noise(x0, noise, t)
+        pred = ca.unet_forward(x_t, t, emb).float()
+        with torch.no_grad():
+            target_abl = ca.unet_forward(x_t[:b], t[:b], emb_anchor).float()
+        err = (pred[:b] - target_abl).pow(2) * mask
+        l_abl = (err.sum((1, 2, 3)) / mask.sum((1, 2, 3))).mean()
+        l_prior = (pred[b:] - ca.target(x0[b:], noise[b:], t[b:]).float()).pow(2).mean()
+        return l_abl, l_prior
+
+
+def encode_pixels(model: T2IModel, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the model's space: a VAE posterior sample from ``gen`` (or its mean without one)
+    times the scaling factor; pixel-space models take the pixels as they are."""
+    if model.vae is None:
+        return x.to(model.dtype).float()
+    with torch.no_grad():
+        dist = model.vae.encode(x.to(model.dtype)).latent_dist
+        z = dist.mean
+        if gen is not None:
+            z = z + dist.std * torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+    return (z * model.vae.config.scaling_factor).float()
+
+
+def bos_detach_hooks(unet: torch.nn.Module) -> list[Any]:
+    """Forward hooks on cross-attention ``to_k``/``to_v``: the first token's output passes no gradient."""
+
+    def hook(_module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
+
+    return [
+        m.register_forward_hook(hook)
+        for name, m in unet.named_modules()
+        if name.endswith("attn2.to_k") or name.endswith("attn2.to_v")
+    ]
 
 
 def _anchors_for(anchors: Anchors, item: Item) -> Sequence[str]:
