@@ -203,3 +203,24 @@ def test_detect_command_writes_scores_roc_and_resumes(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamps
     with pytest.raises(SystemExit):
         main(["detect", "--model", "tiny-random"])  # --set is required
+
+
+def test_detection_joins_an_audit_report_of_the_same_model(tmp_path):
+    from dori.report.html import build_report
+
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    prov = {"model": "miniworld"}
+    (audit / "audit.json").write_text(json.dumps({"model": "miniworld", "rows": [], "provenance": prov}))
+    det = tmp_path / "det"
+    det.mkdir()
+    pair = {"detector": "wen", "positive": "vm", "negative": "heldout", **summarize([2.0, 3.0], [1.0, 2.5])}
+    scores = {"wen": {"vm": [{"item": "vm-000", "prompt": "a <b>", "score": 2.0}]}}
+    detection = {"model": "miniworld", "pairs": [pair], "scores": scores, "provenance": prov}
+    (det / "detection.json").write_text(json.dumps(detection))
+    page = build_report(audit, detection=det).read_text()
+    assert "Detection of memorized prompts" in page and "ROC vm vs heldout" in page and "a &lt;b&gt;" in page
+    detection["model"] = "sd14-random"
+    (det / "detection.json").write_text(json.dumps(detection))
+    page = build_report(audit, detection=det).read_text()
+    assert "Not joined" in page and "ROC vm vs heldout" not in page

@@ -111,6 +111,24 @@ def detection_section_html(detection: dict, max_prompts: int = 200) -> str:
     return "".join(parts)
 
 
+def joined_detection_html(detection_dir: str | Path, audit: dict) -> str:
+    """The detection section of an audit report: the scores of ``detection_dir`` when its model is the audit's
+    (same ``--model`` and the same model name in provenance), else a line saying why they are not shown."""
+    path = Path(detection_dir) / "detection.json"
+    if not path.exists():
+        return f"<h2>Detection of memorized prompts</h2><p>{html.escape(str(path))} does not exist.</p>"
+    detection = json.loads(path.read_text())
+    ours = (audit.get("model"), (audit.get("provenance") or {}).get("model"))
+    theirs = (detection.get("model"), (detection.get("provenance") or {}).get("model"))
+    if ours != theirs:
+        return (
+            "<h2>Detection of memorized prompts</h2><p>Not joined: the detection in "
+            f"{html.escape(str(detection_dir))} ran on {html.escape(str(theirs))}, this audit on "
+            f"{html.escape(str(ours))}.</p>"
+        )
+    return detection_section_html(detection)
+
+
 def build_detection_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` of a ``dori detect`` run directory from its ``detection.json``."""
     run = Path(run_dir)

@@ -221,11 +221,13 @@ def build_report(
     rows: list[dict] | None = None,
     title: str | None = None,
     intro_html: str = "",
+    detection: str | Path | None = None,
 ) -> Path:
     """Write ``report.html`` into the run directory (or ``out``) from its results; return its path.
 
     ``rows``/``title``/``intro_html`` let a recipe show its own table (e.g. Table 1 over several audits)
-    above this run's per-item section.
+    above this run's per-item section. ``detection`` (default: ``audit.json``'s ``detection`` entry) is a
+    ``dori detect`` run directory whose scores join the report when it ran on the same model.
     """
     run = Path(run_dir)
     audit_file = run / "audit.json"
@@ -251,6 +253,11 @@ def build_report(
         body.append(
             "<h2>MR against Dori steps</h2>" + _img(steps_plot_uri(pts, threshold), "MR against Dori steps")
         )
+    detection = detection if detection is not None else audit.get("detection")
+    if detection:
+        from dori.report.detection import joined_detection_html
+
+        body.append(joined_detection_html(detection, audit))
     if audit.get("skipped"):
         lis = "".join(
             f"<li>{html.escape(s['id'])}: {html.escape(s['reason'])}</li>" for s in audit["skipped"]
