@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dori import distributed
 from dori.attacks.dori import Dori, initial_embeddings
 from dori.data.sets import Item
 from dori.errors import DoriError
@@ -129,7 +130,9 @@ def run_unlearndiffatk(
     With ``backends``, an item stops at the first timestep whose current prompt already replicates (the
     reference's early stop, :func:`uda_success`), so the prompt kept is the first one that succeeded.
     """
-    todo = [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
+    todo = distributed.my_share(
+        [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
+    )
     per_call = 1 if per_item else max_items
     for lo in range(0, len(todo), per_call):
         group = todo[lo : lo + per_call]
@@ -154,6 +157,7 @@ def run_unlearndiffatk(
             )
             stopped = res.stopped_at[pos] if res.stopped_at else None
             run.put(f"uda.{mkey}.{items[j].id}", {"prompt": res.prompts[pos], "stopped_at": stopped})
+    distributed.sync()
     return torch.stack([load_tensors(run.artifact(uda_artifact(mkey, it.id)))["embedding"] for it in items])
 
 
@@ -206,7 +210,10 @@ def run_dori(
         mitigation / per_item: the model state the search runs against (as in :func:`evaluate_items`).
         max_items: most items searched in one batch (bounds memory; the result does not depend on it).
     """
-    todo = [j for j, it in enumerate(items) if not run.artifact(dori_artifact(mkey, it.id)).exists()]
+    # sharded over the ranks of a torchrun job (a no-op in one process); every rank loads all results after
+    todo = distributed.my_share(
+        [j for j, it in enumerate(items) if not run.artifact(dori_artifact(mkey, it.id)).exists()]
+    )
     rowwise = per_item and rows is not None
     if rowwise:  # one chunk of the search = all items of a call, so each UNet batch has a known layout
         per_call = max(1, min(max_items, dori.max_micro_batch // dori.batch_size))
@@ -257,6 +264,7 @@ def run_dori(
                 atomic_save_tensors(run.artifact(dori_artifact(mkey, items[j].id)), tensors)
     finally:
         bar.close()
+    distributed.sync()
     loaded = [load_tensors(run.artifact(dori_artifact(mkey, it.id))) for it in items]
     out = {k: torch.stack([t[f"snap.{k}"] for t in loaded]) for k in dori.snapshot_steps}
     out[dori.steps] = torch.stack([t["embedding"] for t in loaded])

@@ -4,8 +4,11 @@ and provides ``add_parser(subparsers)``; the parser's ``func`` runs it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+from collections.abc import Iterator
 
 from dori.errors import DoriError
 
@@ -56,14 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except DoriError as err:
-        print(f"dori: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dori: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    with _ranks(args):
+        try:
+            return int(args.func(args) or 0)
+        except DoriError as err:
+            print(f"dori: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dori: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _ranks(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun (``torchrun --nproc_per_node N -m dori COMMAND ...``): join the process group, one
+    device per rank (``cuda:LOCAL_RANK``, or the CPU with ``--device cpu``); ranks other than 0 print
+    nothing to stdout and show no progress bars. A single process is left as it is."""
+    from dori import distributed
+
+    if not distributed.launched():
+        yield
+        return
+    device = getattr(args, "device", None)
+    ctx = distributed.init(device="cpu" if device == "cpu" else None)
+    if not ctx.is_main:
+        if hasattr(args, "progress"):
+            args.progress = False
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            yield
+    else:
+        yield
+    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

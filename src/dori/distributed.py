@@ -1,29 +1,43 @@
-"""Audits over several GPUs: one process per GPU started by ``torchrun``, items sharded, one run directory.
+"""Per-item work over several processes (GPUs) started by ``torchrun``: items sharded, one run directory.
 
-Launch any audit script with torch's own launcher, e.g.::
+Every command whose work is per item (``dori audit``, ``dori mitigate nemo|wanda``, the Dori searches of
+iterative NeMo, surrogate generation) runs the same way on one process or on N::
 
-    torchrun --standalone --nproc_per_node 2 -m dori.cli audit ...
+    dori audit --model sd14-random --set vm --attack dori --out runs/a
+    torchrun --standalone --nproc_per_node 2 -m dori audit --model sd14-random --set vm --attack dori --out runs/a
 
-Inside, :func:`init` reads the ranks torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins the
-process group (NCCL on GPUs, gloo on CPUs) and picks this rank's device; without torchrun it is a
-single process and nothing is initialized. :func:`run_sharded` then
+Across machines, start ``torchrun --nnodes M --node_rank R --rdzv-endpoint HOST:PORT ...`` on each with the run
+directory on a shared file system. :func:`current` joins the process group that torchrun set up (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``; NCCL on GPUs, gloo on CPUs) once per process and picks this rank's device
+(``cuda:LOCAL_RANK``); without torchrun it is a single process and every helper below is a no-op, so the
+library code is the same for both.
 
-1. lists the items whose result file is missing from the run directory (every rank sees the same list:
-   nobody writes before the first barrier),
-2. gives rank r the pending items r, r + world, r + 2 world, ... (items cost about the same),
-3. runs ``work`` on this rank's items in batches and writes one result file per item atomically
-   (:class:`dori.runs.RunDir`), so ranks never write the same file and a killed run resumes per item,
-4. waits for every rank and returns all items' results, merged from the one run directory.
+Two patterns, both giving the results of one process (an item's result never depends on its rank or on
+what else is in its batch: every item draws its own noise from its own seed):
 
-A single process gives the same results: an item's result never depends on its rank or batch (every item
-draws its own noise from its own seed).
+* Resumable loops over items that write one result file per item into the run directory::
+
+      todo = [it for it in items if not run.has(key(it))]     # every rank lists the same pending items
+      for batch in chunks(distributed.my_share(todo), k):     # barrier, then items r, r + W, r + 2W, ...
+          ...write each item's result...
+      distributed.sync()                                       # every rank waits; then all read all results
+
+  A killed run resumes per item. Rule that keeps the ranks in step: a decision that decides whether a rank
+  reaches a barrier is read from files before any rank writes again (listing happens before the barrier of
+  :func:`my_share`, writing after it).
+* In-memory work: :func:`map_sharded` runs ``fn`` on this rank's share and all-gathers the results in item
+  order on every rank (e.g. one round of iterative NeMo's Dori searches).
+
+Merged outputs (the audit's JSON and report) are written by rank 0 alone (:func:`is_main`); the other ranks'
+stdout is silenced by the CLI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,13 +109,97 @@ def init(backend: str | None = None, device: str | None = None, timeout_hours: f
             timeout=datetime.timedelta(hours=timeout_hours),
             device_id=dev if use_cuda else None,
         )
-    return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    global _CONTEXT
+    _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    return _CONTEXT
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext | None = None) -> None:
     """Leave the process group (call once at the end of the job)."""
-    if ctx.distributed:
+    global _CONTEXT
+    ctx = ctx or _CONTEXT
+    if ctx is not None and ctx.distributed:
         dist.destroy_process_group()
+    _CONTEXT = None
+
+
+# ---------------------------------------------------------------- the process-wide context
+_CONTEXT: DistContext | None = None
+
+
+def launched() -> bool:
+    """Whether this process is one of several that torchrun (or accelerate, or any launcher that sets
+    ``WORLD_SIZE``) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current() -> DistContext:
+    """This process's context: under torchrun it joins the group on the first call (:func:`init` with its
+    defaults, unless :func:`init` was called already); otherwise a single process on no particular device."""
+    if _CONTEXT is not None:
+        return _CONTEXT
+    if launched():
+        return init()
+    return DistContext()
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes merged outputs and prints."""
+    return current().is_main
+
+
+def sync() -> None:
+    """Barrier over every rank (a no-op in a single process)."""
+    current().barrier()
+
+
+def my_share(todo: Sequence[T]) -> list[T]:
+    """This rank's share of ``todo``, a list every rank computed the same way (e.g. the pending items).
+
+    Waits for every rank first, so nobody writes a result before every rank has listed ``todo``; end the
+    loop over the share with :func:`sync`.
+    """
+    ctx = current()
+    ctx.barrier()
+    return ctx.shard(todo)
+
+
+def map_sharded(fn: Callable[[list[T]], list[Any]], items: Sequence[T], batch_size: int = 1) -> list[Any]:
+    """``fn`` over ``items`` in batches, the items sharded across ranks; every rank gets all results in order.
+
+    Args:
+        fn: a batch of items -> one picklable result per item.
+        items: the same sequence on every rank.
+        batch_size: items per ``fn`` call (within one rank's share).
+    """
+    ctx = current()
+    positions = ctx.shard(range(len(items)))
+    mine: list[tuple[int, Any]] = []
+    step = max(1, batch_size)
+    for lo in range(0, len(positions), step):
+        pos = positions[lo : lo + step]
+        out = fn([items[p] for p in pos])
+        if len(out) != len(pos):
+            raise ValueError(f"fn returned {len(out)} results for {len(pos)} items")
+        mine.extend(zip(pos, out, strict=True))
+    if not ctx.distributed:
+        return [r for _, r in mine]
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, mine)
+    merged = dict(pair for part in parts for pair in part)
+    return [merged[p] for p in range(len(items))]
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it finished (e.g. create a run directory, or
+    compute and save a file the others then load)."""
+    ctx = current()
+    if not ctx.is_main:
+        ctx.barrier()
+    yield
+    if ctx.is_main:
+        ctx.barrier()
 
 
 def open_run(ctx: DistContext, path: str | Path, config: dict | None = None, **kwargs: Any) -> RunDir:

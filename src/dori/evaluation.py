@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from dori import distributed
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics import functions as M
@@ -184,7 +185,10 @@ def evaluate_items(
     if len(indices) != len(items) or (embeddings is not None and embeddings.shape[0] != len(items)):
         raise DoriError("evaluate_items needs one index (and one embedding) per item")
     n = config.n_gens
-    todo = [j for j, it in enumerate(items) if not run.has(item_key(setting.key, it.id))]
+    # sharded over the ranks of a torchrun job (a no-op in one process); every rank reads all records after
+    todo = distributed.my_share(
+        [j for j, it in enumerate(items) if not run.has(item_key(setting.key, it.id))]
+    )
     rowwise = per_item and rows is not None
     per_call = 1 if per_item and not rowwise else max(1, config.sampling.batch_size // n)
     groups = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
@@ -234,10 +238,11 @@ def evaluate_items(
                     None if clip_img is None else (clip_img[sl], clip_txt[pos]),
                 )
                 atomic_save_tensors(run.artifact(record["artifact"]), {"images": gens[sl], "sscd": feats[sl]})
-                record.update(index=indices[j], seeds=seeds[sl])
+                record.update(index=indices[j], seeds=seeds[sl], rank=distributed.current().rank)
                 run.put(item_key(setting.key, items[j].id), record)
     finally:
         bar.close()
+    distributed.sync()
     return [run.get(item_key(setting.key, it.id)) for it in items]
 
 
@@ -348,13 +353,14 @@ def utility_scores(
             ref_path, {"features": embed(backends.features, reference(), config.feature_batch)}
         )
     ref = load_tensors(ref_path)["features"]
-    chunks = []
+    starts = range(0, len(prompts), UTILITY_CHUNK)
+    mine = distributed.my_share([lo for lo in starts if not _chunk_path(run, tag, lo).exists()])
     bar = _progress_bar(len(prompts), f"utility {tag}", progress)
     try:
-        for lo in range(0, len(prompts), UTILITY_CHUNK):
+        for lo in starts:
             part = prompts[lo : lo + UTILITY_CHUNK]
-            path = run.artifact(f"utility.{tag}.{lo:07d}.safetensors")
-            if not path.exists():
+            path = _chunk_path(run, tag, lo)
+            if lo in mine:
                 seeds = [config.seed + UTILITY_SEED_BASE + lo + i for i in range(len(part))]
                 ctx = mitigation(None) if mitigation is not None else contextlib.nullcontext()
                 done = bar.n
@@ -369,10 +375,10 @@ def utility_scores(
                 atomic_save_tensors(path, {"features": feats})
             else:
                 bar.update(len(part))
-            chunks.append(load_tensors(path)["features"])
     finally:
         bar.close()
-    gen = torch.cat(chunks)
+    distributed.sync()
+    gen = torch.cat([load_tensors(_chunk_path(run, tag, lo))["features"] for lo in starts])
     result = {
         "tag": tag,
         "n_generated": int(gen.shape[0]),
@@ -380,5 +386,10 @@ def utility_scores(
         "fid": M.fid(gen, ref),
         "kid": M.kid(gen, ref, seed=config.seed),
     }
-    run.put(key, result)
+    if distributed.is_main():
+        run.put(key, result)
     return result
+
+
+def _chunk_path(run: RunDir, tag: str, lo: int):
+    return run.artifact(f"utility.{tag}.{lo:07d}.safetensors")

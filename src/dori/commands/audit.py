@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dori import distributed
 from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
 from dori.errors import DoriError
 from dori.fast import add_fast_args, fast_path_from_args
@@ -169,20 +170,21 @@ def run(args) -> int:
         elif config.sampling.decode_batch_size is None:
             config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    run_dir = RunDir(
-        args.out,
-        settings,
-        extra_provenance={
-            "command": "audit",
-            "model": model.name,
-            "model_info": model.info,
-            "device": str(model.device),
-            "dtype": str(model.dtype),
-            "seed": args.seed,
-            "backends": backends.describe(),
-            "protocol": config.describe(),
-        },
-    )
+    with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
+        run_dir = RunDir(
+            args.out,
+            settings,
+            extra_provenance={
+                "command": "audit",
+                "model": model.name,
+                "model_info": model.info,
+                "device": str(model.device),
+                "dtype": str(model.dtype),
+                "seed": args.seed,
+                "backends": backends.describe(),
+                "protocol": config.describe(),
+            },
+        )
     result = run_audit(
         model,
         items,
@@ -200,6 +202,8 @@ def run(args) -> int:
         progress=args.progress,
         uda=UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations),
     )
+    if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
+        return 0
     out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
     write_json(str(run_dir.path / "audit.json"), out)
     write_json(args.json, out)

@@ -48,6 +48,10 @@ def add_run_args(p: argparse.ArgumentParser, out_default: str | None = None) -> 
 
 
 def resolve_device(name: str | None) -> str:
+    from dori import distributed
+
+    if distributed.launched() and name in (None, "cuda"):  # torchrun: this rank's device
+        return str(distributed.current().device)
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -183,7 +183,10 @@ def _surrogates(args, model, items, out: Path):
         "per_item": args.surrogates_per_item,
         "seed": args.seed,
     }
-    surr.save(folder, settings)
+    from dori import distributed
+
+    if distributed.is_main():  # under torchrun every rank holds the gathered set; rank 0 writes it
+        surr.save(folder, settings)
     return surr
 
 

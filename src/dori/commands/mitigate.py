@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
+from dori import distributed
 from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
 from dori.errors import DoriError
 
@@ -101,19 +102,20 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
     )  # fmt: skip
     settings = {k: v for k, v in nemo.settings().items() if k not in ("batch_size", "cache_dir")}
     iterative = {"iterative": True, "dori_steps": args.dori_steps} if args.iterative > 1 else {}
-    run = RunDir(args.out, {**common, **settings, "calibration_set": args.calibration_set, **iterative})
-    calib_file = run.path / "calibration.safetensors"
-    if calib_file.exists():
-        calib = Calibration.load(calib_file)
-    else:
-        if args.calibration_set is None:
-            name, prompts = default_calibration_prompts(model)
+    with distributed.main_first():  # under torchrun: rank 0 creates the run and calibrates, the others load
+        run = RunDir(args.out, {**common, **settings, "calibration_set": args.calibration_set, **iterative})
+        calib_file = run.path / "calibration.safetensors"
+        if calib_file.exists():
+            calib = Calibration.load(calib_file)
         else:
-            name = args.calibration_set
-            prompts = [it.prompt for it in load_set_prompts(args.calibration_set, model)]
-        print(f"NeMo calibration for {args.model} (held-out prompts: {name})", file=sys.stderr)
-        calib = nemo.calibrate(model, prompts, prompt_set=name)
-        calib.save(calib_file)
+            if args.calibration_set is None:
+                name, prompts = default_calibration_prompts(model)
+            else:
+                name = args.calibration_set
+                prompts = [it.prompt for it in load_set_prompts(args.calibration_set, model)]
+            print(f"NeMo calibration for {args.model} (held-out prompts: {name})", file=sys.stderr)
+            calib = nemo.calibrate(model, prompts, prompt_set=name)
+            calib.save(calib_file)
     source = calib.info.get("source", "computed")
     count = f", {calib.info['prompts']} prompts" if "prompts" in calib.info else ""
     print(f"tau_mem = {nemo.threshold(calib):.4f} ({source}{count})", file=sys.stderr)
@@ -122,6 +124,7 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
     todo = [it for it in items if not run.has(f"item.{it.id}")]
     bar = _progress(args, len(items), "nemo")
     bar.update(len(items) - len(todo))
+    todo = distributed.my_share(todo)  # this rank's items (all of them in one process)
     for lo in range(0, len(todo), max(1, args.chunk)):
         chunk = todo[lo : lo + max(1, args.chunk)]
         found = nemo.detect(
@@ -131,6 +134,9 @@ def _run_nemo(args, model, items, common, RunDir) -> int:
             run.put(f"item.{it.id}", asdict(it))
         bar.update(len(chunk))
     bar.close()
+    distributed.sync()
+    if not distributed.is_main():
+        return 0
     result = NeMoResult(
         {it.id: NeMoItem(**run.get(f"item.{it.id}")) for it in items},
         [*calib.means],
@@ -195,6 +201,8 @@ def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
     search = make_dori_search(Dori(steps=args.dori_steps), model, x0, prompts, seeds)
 
     def save(rnd: NeMoRound) -> None:
+        if not distributed.is_main():  # every rank holds the round (gathered); rank 0 writes it
+            return
         r = rnd.result.config["round"]
         folder = run.path / f"round-{r}"
         folder.mkdir(exist_ok=True)
@@ -214,6 +222,8 @@ def _run_iterative(args, model, items, nemo, calib, settings, run) -> int:
         progress=lambda r: bar.update(r - bar.n), done=done, on_round=save,
     )  # fmt: skip
     bar.close()
+    if not distributed.is_main():
+        return 0
     final = rounds[-1].result
     final.provenance = run.provenance
     final.save(run.path)
@@ -249,12 +259,14 @@ def _run_wanda(args, model, items, common, RunDir) -> int:
         seed=0 if args.seed is None else args.seed, batch_size=args.batch_size or 8,
     )  # fmt: skip
     settings = {k: v for k, v in wanda.settings().items() if k != "batch_size"}
-    run = RunDir(args.out, {**common, **settings, "group": args.group})
+    with distributed.main_first():
+        run = RunDir(args.out, {**common, **settings, "group": args.group})
     groups = make_groups([it.id for it in items], args.group)
     prompts = {it.id: it.prompt for it in items}
     todo = [(n, g) for n, g in enumerate(groups) if not run.has(f"group.{n:05d}")]
     bar = _progress(args, len(groups), "wanda")
     bar.update(len(groups) - len(todo))
+    todo = distributed.my_share(todo)  # this rank's groups (all of them in one process)
     null = wanda.null_norms(model) if todo else None
     while todo:  # sample the members of several small groups together, then save group by group
         batch, size = [], 0
@@ -273,6 +285,9 @@ def _run_wanda(args, model, items, common, RunDir) -> int:
             bar.update(1)
         del sq
     bar.close()
+    distributed.sync()
+    if not distributed.is_main():
+        return 0
     entries = {gid: run.get(f"group.{n:05d}") for n, gid in enumerate(groups)}
     write_index(run.path, groups, entries, {**settings, "group": str(args.group)}, run.provenance)
     result = WandaResult.load(run.path)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dori import distributed
 from dori.errors import DoriError
 from dori.mitigations import register_mitigation
 from dori.mitigations.nemo_noise import merge_blockings
@@ -208,7 +209,14 @@ def iterative_nemo(
         blocked = [{k: list(v) for k, v in last.result.items[i].refined.items()} for i in ids]
         emb = last.embeddings
     for r in range(len(done), rounds):
-        found = nemo.detect(model, emb, calib, ids, base_blockings=blocked)
+        # per item, so sharded over the ranks of a torchrun job (one call per rank; all ranks get every item)
+        found = distributed.map_sharded(
+            lambda idx, e=emb, bl=blocked: nemo.detect(
+                model, e[idx], calib, [ids[i] for i in idx], base_blockings=[bl[i] for i in idx]
+            ),
+            list(range(len(ids))),
+            batch_size=len(ids),
+        )
         blocked = [merge_blockings(b, item.refined) for b, item in zip(blocked, found, strict=True)]
         for item, b in zip(found, blocked, strict=True):
             item.refined = {k: sorted(v) for k, v in b.items()}
@@ -242,13 +250,18 @@ def make_dori_search(
     def search(r: int, blocked: list[dict[str, list[int]]]) -> torch.Tensor:
         b = dori.batch_size
         per_call = max(1, dori.max_micro_batch // b)
-        out = []
-        for lo in range(0, len(blocked), per_call):
-            group = list(range(lo, min(len(blocked), lo + per_call)))
+        groups = [
+            list(range(lo, min(len(blocked), lo + per_call))) for lo in range(0, len(blocked), per_call)
+        ]
+
+        def run(batch: list[list[int]]) -> list[torch.Tensor]:
+            (group,) = batch
             mults = row_multipliers(model.unet, [blocked[i] for i in group for _ in range(b)])
             with rowwise_scale_output_channels(model.unet, mults):
                 res = dori(model, x0[group], init[group], [int(seeds[i]) + r for i in group])
-            out.append(res.embeddings)
-        return torch.cat(out)
+            return [res.embeddings]
+
+        # the groups are sharded over the ranks of a torchrun job; every rank gets all embeddings
+        return torch.cat(distributed.map_sharded(run, groups))
 
     return search

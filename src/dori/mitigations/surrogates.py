@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dori import distributed
 from dori.data.sets import Item, load_image_file
 from dori.errors import DoriError
 from dori.models.pipeline import SamplingConfig, T2IModel
@@ -167,11 +168,14 @@ def generate_surrogates(
     if per_item < 1 or max_rounds < 1:
         raise DoriError("generate_surrogates needs per_item >= 1 and max_rounds >= 1")
     config = config or SamplingConfig()
-    out = SurrogateSet()
-    for n_done, it in enumerate(items, 1):
+    n_done = 0
+
+    def one(batch: list[Item]) -> list[tuple[torch.Tensor | None, list[float], str | None]]:
+        nonlocal n_done
+        (it,) = batch
+        n_done += 1
         if it.image is None:
-            out.failed[it.id] = f"no training image ({it.skip_reason or 'none given'})"
-            continue
+            return [(None, [], f"no training image ({it.skip_reason or 'none given'})")]
         kept: list[torch.Tensor] = []
         sims: list[float] = []
         for r in range(max_rounds):
@@ -182,20 +186,28 @@ def generate_surrogates(
             s = similarity(imgs, it.image.unsqueeze(0).expand_as(imgs)).float().cpu()
             for img, v in zip(imgs, s.tolist(), strict=True):
                 if v < threshold and len(kept) < per_item:
-                    kept.append(img)
+                    kept.append(img.cpu())
                     sims.append(float(v))
             if len(kept) >= per_item:
                 break
-        if kept:
-            out.images[it.id] = torch.stack(kept)
-            out.similarity[it.id] = sims
-        else:
-            out.failed[it.id] = (
-                f"all {max_rounds * per_item} candidates are replicas (similarity >= {threshold}); "
-                "the mitigation does not stop replication for this item"
-            )
         if progress is not None:
             progress(n_done)
+        if kept:
+            return [(torch.stack(kept), sims, None)]
+        reason = (
+            f"all {max_rounds * per_item} candidates are replicas (similarity >= {threshold}); "
+            "the mitigation does not stop replication for this item"
+        )
+        return [(None, [], reason)]
+
+    out = SurrogateSet()
+    # one item at a time, sharded over the ranks of a torchrun job (every rank gets every item's result)
+    for it, (images, sims, failed) in zip(items, distributed.map_sharded(one, list(items)), strict=True):
+        if failed is not None:
+            out.failed[it.id] = failed
+        else:
+            out.images[it.id] = images
+            out.similarity[it.id] = sims
     return out
 
 
