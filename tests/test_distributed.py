@@ -88,7 +88,16 @@ def test_torchrun_two_gloo_processes_audit_equals_one(tmp_path, monkeypatch, cap
     single = json.loads((tmp_path / "one.json").read_text())
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dori"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dori",
+    ]
     proc = subprocess.run(
         [*cmd, *args, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
         env=env,
