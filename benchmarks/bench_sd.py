@@ -6,10 +6,14 @@ diffusers defaults) and the fast path (:mod:`dori.fast`):
 
 * ``dori``: one image's Dori search (50 steps, batch 8 (noise, t) draws, Adam lr 0.1);
 * ``gen10``: 10 generations of one prompt (DDIM 50, guidance 7, VAE decode);
-* ``nemo``: the UNet work of NeMo's detection for one prompt (10 seeds x the first 2 DDIM steps without
-  guidance, hooks on the 7 cross-attention value layers);
-* ``wanda``: Wanda's statistics for one prompt (10 UNet calls with guidance, input-norm hooks on the 16
-  ``ff.net.2`` layers);
+* ``nemo``: NeMo's detection screening for one prompt, through the library's ``NeMo.detect`` (the noise
+  differences of 10 seeds at the second DDIM timestep without guidance, and the token-reduced value-layer
+  activations; with ``tau`` above any MS-SSIM no prompt is flagged, so the data-dependent neuron search,
+  whose length depends on the weights, is left out); the reference is the same computation written as a
+  plain loop, one seed at a time, with a hook on the 7 cross-attention value layers;
+* ``wanda``: Wanda's statistics for one prompt through the library's ``Wanda.squared_norms`` (10 UNet calls
+  with guidance, input-norm hooks on the 16 ``ff.net.2`` layers); the reference is a plain loop doing the
+  same, one prompt at a time;
 * ``finetune``: one full fine-tuning step (AdamW on the UNet, 8 + 8 samples).
 
 It prints per-item seconds, throughput, achieved TFLOP/s (FLOPs counted once per workload with
@@ -41,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dori.attacks.dori import Dori, initial_embeddings
 from dori.fast import GIB, FastPath, attention_processors
 from dori.models.hooks import record_activations
-from dori.models.layers import ffn_layers, value_layers
+from dori.models.layers import ffn_layers, get_module, value_layers
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 PROMPTS = [
@@ -180,59 +184,87 @@ def gen_work(model: T2IModel, prompts: int, per_prompt: int, config: SamplingCon
     return lambda: model.sample(emb, seeds, config)
 
 
-def nemo_work(
-    model: T2IModel, prompts: int, seeds: int, steps: int, one_at_a_time: bool
-) -> Callable[[], object]:
-    """NeMo's detection UNet work: value-layer activations (mean |a| over tokens) of the first DDIM steps."""
+def nemo_reference_work(model: T2IModel, seeds: int) -> Callable[[], object]:
+    """NeMo's screening of one prompt as a plain loop, one seed at a time: the UNet's noise prediction at the
+    second DDIM timestep (no guidance) with the value-layer activations (mean |a| over tokens) recorded."""
     layers = value_layers(model.unet)
-    emb = model.encode_text((PROMPTS * prompts)[:prompts]).repeat_interleave(seeds, 0)
-    noise = model.initial_noise(list(range(prompts * seeds)))
-    groups = [[i] for i in range(emb.shape[0])] if one_at_a_time else [list(range(emb.shape[0]))]
+    emb = model.encode_text(PROMPTS[:1])
+    noise = torch.randn((seeds, *model.sample_shape), generator=torch.Generator().manual_seed(1))
+    sched = model.ddim_scheduler(50)
+    t = sched.timesteps[1].to(model.device)
 
     def reduce(a: torch.Tensor) -> torch.Tensor:
         return a.float().abs().mean(1)
 
     def run():
         out = []
-        for g in groups:
-            x = noise[g].to(model.device)
-            sched = model.ddim_scheduler(50)
-            for t in sched.timesteps[:steps]:
-                with record_activations(model.unet, layers, reduce=reduce) as acts:
-                    eps = model.predict_noise(x, t.to(model.device), emb[g])
-                x = sched.step(eps, t, x).prev_sample
-                out.append(acts)
+        for s in range(seeds):
+            x = noise[s : s + 1].to(model.device) * sched.init_noise_sigma
+            with record_activations(model.unet, layers, reduce=reduce) as acts:
+                eps = model.predict_noise(x, t, emb)
+            out.append(((eps.float() - x).cpu(), acts))
         return out
 
     return run
 
 
-def wanda_work(model: T2IModel, prompts: int, calls: int, one_at_a_time: bool) -> Callable[[], object]:
-    """Wanda's statistics: per-input-feature ||X_j||^2 of every ff.net.2 over the first DDIM steps, with CFG."""
-    layers = ffn_layers(model.unet)
-    cond = model.encode_text((PROMPTS * prompts)[:prompts])
-    noise = model.initial_noise(list(range(prompts)))
-    groups = [[i] for i in range(prompts)] if one_at_a_time else [list(range(prompts))]
+def nemo_library_work(model: T2IModel, prompts: int, seeds: int) -> Callable[[], object]:
+    """``NeMo.detect`` on ``prompts`` prompts in one call (rows batched by the library): the screening only,
+    since ``tau`` = 2 lies above any MS-SSIM, so no prompt is flagged (see module docstring)."""
+    from dori.mitigations.nemo import NeMo
+    from dori.mitigations.nemo_calibration import Calibration
 
-    def reduce(a: torch.Tensor) -> torch.Tensor:
-        return a.float().pow(2).sum(1)
+    layers = value_layers(model.unet)
+    dims = {name: get_module(model.unet, name).out_features for name in layers}
+    calib = Calibration(
+        {k: torch.zeros(d) for k, d in dims.items()}, {k: torch.ones(d) for k, d in dims.items()}, 0.0, 0.0
+    )
+    nemo = NeMo(tau=2.0, n_seeds=seeds, batch_size=prompts * seeds)
+    emb = model.encode_text((PROMPTS * prompts)[:prompts])
 
     def run():
-        stats = []
-        for g in groups:
-            x = noise[g].to(model.device)
-            sched = model.ddim_scheduler(50)
-            acc: dict[str, torch.Tensor] = {}
-            for t in sched.timesteps[:calls]:
-                with record_activations(model.unet, layers, inputs=True, reduce=reduce) as acts:
-                    eps = model.predict_noise(x, t.to(model.device), cond[g], model.null_embedding(), 7.0)
-                for name, vals in acts.items():
-                    acc[name] = acc.get(name, 0) + vals[0]
-                x = sched.step(eps, t, x).prev_sample
-            stats.append(acc)
-        return stats
+        found = nemo.detect(model, emb, calib)
+        if any(item.memorized for item in found):
+            raise RuntimeError("NeMo flagged a prompt at tau 2: the screening-only timing would be wrong")
+        return found
 
     return run
+
+
+def wanda_reference_work(model: T2IModel, calls: int) -> Callable[[], object]:
+    """Wanda's statistics of one prompt as a plain loop: per-input-feature ||X_j||^2 of every ff.net.2 (rows
+    normalized) over the first DDIM calls, with CFG (uncond and cond rows in one UNet batch)."""
+    layers = ffn_layers(model.unet)
+    cond = model.encode_text(PROMPTS[:1])
+    noise = model.initial_noise([0])
+
+    def reduce(a: torch.Tensor) -> torch.Tensor:
+        a = torch.nn.functional.normalize(a.float().reshape(a.shape[0], -1, a.shape[-1]), dim=-1)
+        return a.pow(2).sum(1)
+
+    def run():
+        sched = model.ddim_scheduler(50)
+        x = noise.to(model.device) * sched.init_noise_sigma
+        acc: dict[str, torch.Tensor] = {}
+        for t in sched.timesteps[:calls]:
+            with record_activations(model.unet, layers, inputs=True, reduce=reduce) as acts:
+                x_in = sched.scale_model_input(x, t)
+                eps = model.predict_noise(x_in, t.to(model.device), cond, model.null_embedding(), 7.5)
+            for name, vals in acts.items():
+                acc[name] = acc.get(name, 0) + vals[0].sum(0).cpu()
+            x = sched.step(eps.float(), t, x).prev_sample
+        return acc
+
+    return run
+
+
+def wanda_library_work(model: T2IModel, prompts: int, calls: int) -> Callable[[], object]:
+    """``Wanda.squared_norms`` on ``prompts`` prompts in one batch (the library's statistics)."""
+    from dori.mitigations.wanda import Wanda
+
+    wanda = Wanda(timesteps=calls, batch_size=prompts)
+    cond = model.encode_text((PROMPTS * prompts)[:prompts])
+    return lambda: wanda.squared_norms(model, cond)
 
 
 def finetune_work(
@@ -390,10 +422,7 @@ def run_reference(b: Bench, model: T2IModel) -> None:
     warm = gen_work(model, 1, 1, SamplingConfig(steps=2, batch_size=1))
     res = timed(gen_work(model, 1, a.gens, one), dev, a.ref_repeats, warm)
     b.record("gen10", "reference", res, 1, {"images": a.gens, "batch_size": 1, "steps": a.sample_steps})
-    res = timed(nemo_work(model, 1, a.nemo_seeds, 2, True), dev, a.fast_repeats, None)
-    b.record("nemo", "reference", res, 1, {"seeds": a.nemo_seeds, "batch_size": 1})
-    res = timed(wanda_work(model, 1, a.wanda_calls, True), dev, a.fast_repeats, None)
-    b.record("wanda", "reference", res, 1, {"calls": a.wanda_calls, "batch_size": 2})
+    run_hooks_reference(b, model)
     step, cleanup = finetune_work(model, [8, 8], None, False)
     res = timed(step, dev, a.ref_repeats, None)
     b.record(
@@ -443,17 +472,57 @@ def run_fast(b: Bench, model: T2IModel, fp: FastPath, variant: str = "fast") -> 
     return {"dori_items": k, "gen_batch": cfg.batch_size, "gen_prompts": prompts}
 
 
+def run_hooks_reference(b: Bench, model: T2IModel) -> None:
+    """float32: the plain loops (one seed / one prompt at a time) and the library's NeMo and Wanda on one
+    prompt, side by side on the same model."""
+    a, dev = b.args, b.device
+    res = timed(nemo_reference_work(model, a.nemo_seeds), dev, a.fast_repeats, None)
+    b.record("nemo", "reference", res, 1, {"seeds": a.nemo_seeds, "batch_size": 1, "code": "plain loop"})
+    work = nemo_library_work(model, 1, a.nemo_seeds)
+    res = timed(work, dev, a.fast_repeats, None)
+    b.record("nemo", "library-fp32", res, 1, {"seeds": a.nemo_seeds, "code": "NeMo.detect"})
+    b.flops("nemo", work, 1)
+    res = timed(wanda_reference_work(model, a.wanda_calls), dev, a.fast_repeats, None)
+    b.record("wanda", "reference", res, 1, {"calls": a.wanda_calls, "batch_size": 2, "code": "plain loop"})
+    work = wanda_library_work(model, 1, a.wanda_calls)
+    res = timed(work, dev, a.fast_repeats, None)
+    b.record("wanda", "library-fp32", res, 1, {"calls": a.wanda_calls, "code": "Wanda.squared_norms"})
+    b.flops("wanda", work, 1)
+
+
+def run_hooks_only(b: Bench, model: T2IModel) -> int:
+    """``--hooks-only``: NeMo and Wanda, float32 (plain loop and library) then the library on the fast path."""
+    run_hooks_reference(b, model)
+    fp = FastPath(memory_budget_gib=b.args.memory_budget_gib)
+    fp.apply(model)
+    b.data["fast_path"] = fp.settings()
+    gen_batch = b.args.gen_batch or fp.sampling(model, SamplingConfig(steps=b.args.sample_steps)).batch_size
+    if b.device.type != "cuda" and not b.args.gen_batch:
+        gen_batch = 40  # the CPU has no memory probe; the H100 probe's choice
+    b.data["chosen"] = {"gen_batch": gen_batch}
+    run_fast_hooks(b, model, gen_batch)
+    b.data["wall_s"] = b.elapsed()
+    b.save()
+    print_table(b)
+    return 0
+
+
 def run_fast_hooks(b: Bench, model: T2IModel, gen_batch: int) -> None:
-    """NeMo and Wanda with several prompts per batch: as many UNet samples as a generation batch."""
+    """The library's NeMo and Wanda on the fast path, several prompts per batch (as many UNet rows as a
+    generation batch)."""
     a, dev = b.args, b.device
     prompts = max(1, 2 * gen_batch // a.nemo_seeds)
-    work = nemo_work(model, prompts, a.nemo_seeds, 2, False)
-    b.record("nemo", "fast", timed(work, dev, a.fast_repeats, None), prompts, {"prompts_per_batch": prompts})
-    b.flops("nemo", work, prompts)
+    work = nemo_library_work(model, prompts, a.nemo_seeds)
+    settings = {"prompts_per_batch": prompts, "code": "NeMo.detect"}
+    b.record("nemo", "fast", timed(work, dev, a.fast_repeats, None), prompts, settings)
+    if "flops_per_item" not in b.data["workloads"]["nemo"]:
+        b.flops("nemo", work, prompts)
     prompts = max(1, gen_batch)
-    work = wanda_work(model, prompts, a.wanda_calls, False)
-    b.record("wanda", "fast", timed(work, dev, a.fast_repeats, None), prompts, {"prompts_per_batch": prompts})
-    b.flops("wanda", work, prompts)
+    work = wanda_library_work(model, prompts, a.wanda_calls)
+    settings = {"prompts_per_batch": prompts, "code": "Wanda.squared_norms"}
+    b.record("wanda", "fast", timed(work, dev, a.fast_repeats, None), prompts, settings)
+    if "flops_per_item" not in b.data["workloads"]["wanda"]:
+        b.flops("wanda", work, prompts)
 
 
 def run_ablations(b: Bench, model: T2IModel, fp: FastPath) -> None:
@@ -727,6 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batch", type=int, default=0, help="generation batch (0: from free memory)")
     p.add_argument("--memory-budget-gib", type=float, default=32.0)
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument(
+        "--hooks-only", action="store_true", help="only the NeMo and Wanda rows (plain loops and the library)"
+    )
     p.add_argument("--ablations", action="store_true", help="short runs of each fast-path choice")
     p.add_argument("--ablate-items", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--ablate-gen-batch", type=int, nargs="*", default=[10, 20, 40, 80])
@@ -764,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if dev.type == "cuda":
         b.data["model"]["attention_kernels_reference"] = b.guard("kernels", lambda: attention_kernels(model))
+    if args.hooks_only:  # NeMo and Wanda alone: plain loops and the library, float32 then the fast path
+        return run_hooks_only(b, model)
     if not args.skip_reference:
         run_reference(b, model)
     fp = FastPath(memory_budget_gib=args.memory_budget_gib)
