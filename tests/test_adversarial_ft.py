@@ -281,3 +281,28 @@ def test_stop_mr_ends_at_the_first_epoch_whose_dori_no_longer_replicates(tiny, t
         AdversarialFineTuning(epochs=2, stop_mr=0.1, **common)(tiny, items, **kw)
     with pytest.raises(DoriError, match="stop_mr"):
         AdversarialFineTuning(stop_mr=1.0)
+
+
+def test_init_schedule_both_searches_from_the_prompt_and_from_noise_every_epoch(tiny, monkeypatch):
+    import dori.mitigations.adversarial_ft as adv
+
+    items = _items(2, 3, "m")
+    seen = []
+    original = adv.initial_embeddings
+
+    def recording(model, prompts, init="prompt", seeds=None, **kw):
+        out = original(model, prompts, init=init, seeds=seeds, **kw)
+        seen.append((init, len(prompts)))
+        return out
+
+    monkeypatch.setattr(adv, "initial_embeddings", recording)
+    ft = AdversarialFineTuning(epochs=2, steps_per_embedding=1, dori_steps=0, utility_loss=False)
+    assert (ft.init_schedule, ft.embeddings_per_item) == ("both", 2)  # the defaults
+    y, _ = ft._search(tiny, adv._Data.build(tiny, items, _surrogates(items), []), 1, torch.Generator())
+    # 2 items x 2 embeddings: rows 0 and 2 from the prompts, rows 1 and 3 from N(0, I)
+    prompt_emb = tiny.encode_text([it.prompt for it in items]).float()
+    assert torch.allclose(y[0], prompt_emb[0]) and torch.allclose(y[2], prompt_emb[1])
+    assert not torch.allclose(y[1], prompt_emb[0]) and not torch.allclose(y[3], prompt_emb[1])
+    assert ("random", 4) in seen and ("prompt", 2) in seen
+    with pytest.raises(DoriError, match="both"):
+        AdversarialFineTuning(init_schedule="both", embeddings_per_item=1)

@@ -53,7 +53,7 @@ from dori.mitigations.training import encode_in_batches, finish, item_images, sa
 from dori.models.identity import model_sources, weights_fingerprint
 from dori.models.pipeline import SamplingConfig, T2IModel
 
-INIT_SCHEDULES = ("alternate", "prompt", "random")
+INIT_SCHEDULES = ("alternate", "prompt", "random", "both")
 
 
 @dataclass
@@ -77,7 +77,8 @@ class AdversarialFineTuning:
         dori_lr: Dori's Adam learning rate (paper 0.1).
         dori_batch: Dori's (noise, t) draws per step (paper 8).
         init_schedule: ``alternate`` (prompt init on odd epochs, random on even: Algorithm 2), ``prompt``
-            (Table 14) or ``random`` (Table 15).
+            (Table 14), ``random`` (Table 15) or ``both`` (every epoch, each item's embeddings alternate between
+            the two inits: with ``embeddings_per_item=2`` one from the prompt and one from N(0, I)).
         utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
         utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1; the default 10 keeps
             utility on all 40 miniworld items, docs/adversarial_ft.md).
@@ -96,19 +97,19 @@ class AdversarialFineTuning:
 
     name: ClassVar[str] = "advft"
 
-    epochs: int = 5
+    epochs: int = 8
     steps_per_embedding: int = 3
     lr: float = 4e-5
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
     items_per_step: int = 1
-    embeddings_per_item: int = 1
+    embeddings_per_item: int = 2
     noise_draws: int = 8
     utility_batch: int | None = 64
     dori_steps: int = 50
     dori_lr: float = 0.1
     dori_batch: int = 8
-    init_schedule: str = "alternate"
+    init_schedule: str = "both"
     utility_loss: bool = True
     utility_weight: float = 10.0
     mitigation_loss: bool = True
@@ -138,6 +139,8 @@ class AdversarialFineTuning:
             raise DoriError(
                 "epochs, steps_per_embedding, items_per_step, embeddings_per_item and noise_draws must be >= 1"
             )
+        if self.init_schedule == "both" and self.embeddings_per_item < 2:
+            raise DoriError("init_schedule 'both' needs embeddings_per_item >= 2 (one per init)")
         if self.dori_steps < 0:
             raise DoriError("dori_steps must be >= 0")
         if self.stop_mr is not None and not (0 <= self.stop_mr < 1 and self.stop_generations >= 1):
@@ -151,7 +154,8 @@ class AdversarialFineTuning:
         return d
 
     def init_for_epoch(self, epoch: int) -> str:
-        """``prompt`` or ``random`` for a 1-based epoch (Algorithm 2: odd epochs start from the prompt)."""
+        """``prompt`` or ``random`` for a 1-based epoch (Algorithm 2: odd epochs start from the prompt);
+        ``both`` for the schedule that uses both inits every epoch."""
         if self.init_schedule == "alternate":
             return "prompt" if epoch % 2 == 1 else "random"
         return self.init_schedule
@@ -281,7 +285,13 @@ class AdversarialFineTuning:
         seeds = torch.randint(0, 2**31 - 1, (n * k,), generator=gen).tolist()
         kind = self.init_for_epoch(epoch)
         prompts = [it.prompt for it in data.items for _ in range(k)]
-        init = initial_embeddings(ft, prompts, init=kind, seeds=seeds)
+        if kind == "both":  # embedding j of an item: from the prompt for even j, from N(0, I) for odd j
+            init = initial_embeddings(ft, prompts, init="random", seeds=seeds)
+            even = torch.arange(n * k) % k % 2 == 0
+            from_prompt = [p for p, e in zip(prompts, even.tolist(), strict=True) if e]
+            init[even] = initial_embeddings(ft, from_prompt, init="prompt")
+        else:
+            init = initial_embeddings(ft, prompts, init=kind, seeds=seeds)
         if self.dori_steps == 0:
             return init, None
         dori = Dori(

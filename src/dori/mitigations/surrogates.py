@@ -62,11 +62,15 @@ class SurrogateSet:
         images: item id -> surrogates (k, 3, H, W) in [0, 1].
         similarity: item id -> copy-detector similarity of each kept surrogate to the training image.
         failed: item id -> why the item has no surrogate (then it cannot be fine-tuned away).
+        alignment: item id -> alignment (CLIP role) of each kept surrogate with the caption, where measured.
+        source: item id -> how each kept surrogate was made, where recorded.
     """
 
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     similarity: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    alignment: dict[str, list[float | None]] = field(default_factory=dict)
+    source: dict[str, list[str]] = field(default_factory=dict)
 
     def merge(self, other: SurrogateSet) -> None:
         """Take ``other``'s surrogates for the items this set has none for (e.g. from a fallback source)."""
@@ -74,6 +78,9 @@ class SurrogateSet:
             if item_id not in self.images:
                 self.images[item_id] = imgs
                 self.similarity[item_id] = other.similarity.get(item_id, [])
+                for mine, theirs in ((self.alignment, other.alignment), (self.source, other.source)):
+                    if item_id in theirs:
+                        mine[item_id] = theirs[item_id]
                 self.failed.pop(item_id, None)
         for item_id, why in other.failed.items():
             if item_id not in self.images and item_id in self.failed:
@@ -93,6 +100,9 @@ class SurrogateSet:
                 Image.fromarray(arr).save(sub / name)
                 files.append(f"{safe_key(item_id)}/{name}")
             index["items"][item_id] = {"files": files, "similarity": self.similarity.get(item_id, [])}
+            for key, values in (("alignment", self.alignment), ("source", self.source)):
+                if item_id in values:
+                    index["items"][item_id][key] = values[item_id]
         atomic_write_text(folder / "surrogates.json", json.dumps(index, indent=1))
         return folder
 
@@ -129,6 +139,9 @@ def load_surrogates(folder: str | Path, items: Sequence[Item], size: int | None 
         out.images[it.id] = torch.stack([load_image_file(f, size) for f in files])
         if entry is not None:
             out.similarity[it.id] = list(entry.get("similarity", []))
+            for key, values in (("alignment", out.alignment), ("source", out.source)):
+                if key in entry:
+                    values[it.id] = list(entry[key])
     return out
 
 
