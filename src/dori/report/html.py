@@ -253,6 +253,10 @@ def build_report(
         body.append(
             "<h2>MR against Dori steps</h2>" + _img(steps_plot_uri(pts, threshold), "MR against Dori steps")
         )
+    if audit.get("control"):
+        from dori.report.control import control_section_html
+
+        body.append(control_section_html(audit["control"]))
     detection = detection if detection is not None else audit.get("detection")
     if detection:
         from dori.report.detection import joined_detection_html
