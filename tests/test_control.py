@@ -55,3 +55,24 @@ def test_control_report_reads_mr_at_the_budget():
     assert "no step budget" in format_control(none)
     with pytest.raises(DoriError):
         control_report(memorized, [_row("heldout", 0.0, "dori", 7)])
+
+
+def test_audit_report_shows_the_control_section(tmp_path):
+    import json
+
+    from dori.report.html import build_report
+
+    memorized = [
+        _row("vm", 0.2),
+        _row("vm", 0.6, "dori", 10, norm=1.1),
+        _row("vm", 1.0, "dori", 50, norm=1.2),
+    ]
+    control = [
+        _row("heldout", 0.0),
+        _row("heldout", 0.0, "dori", 10, norm=1.3),
+        _row("heldout", 0.4, "dori", 50),
+    ]
+    entry = {"set": "heldout", "n_items": 5, **control_report(memorized, control)}
+    (tmp_path / "audit.json").write_text(json.dumps({"model": "m", "rows": [], "control": entry}))
+    page = build_report(tmp_path).read_text()
+    assert "Control: Dori on heldout" in page and "Calibrated budget: <b>10</b>" in page and "0.600" in page
