@@ -65,6 +65,7 @@ def detectors_from_args(args) -> list:
 
 
 def run(args) -> int:
+    from dori import distributed
     from dori.data.sets import load_set
     from dori.detection.run import format_pairs, run_detection
     from dori.report.detection import build_detection_report
@@ -80,16 +81,19 @@ def run(args) -> int:
         for name in dict.fromkeys([*positives, *negatives, *also])
     }
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    run_dir = RunDir(
-        args.out,
-        settings,
-        extra_provenance={"command": "detect", "model": model.name, "device": str(model.device),
-                          "dtype": str(model.dtype)},
-    )  # fmt: skip
+    with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
+        run_dir = RunDir(
+            args.out,
+            settings,
+            extra_provenance={"command": "detect", "model": model.name, "device": str(model.device),
+                              "dtype": str(model.dtype)},
+        )  # fmt: skip
     result = run_detection(
         model, sets, positives, negatives, detectors, run_dir,
-        prompts_per_call=args.prompts_per_call, progress=args.progress,
+        prompts_per_call=args.prompts_per_call, progress=args.progress and distributed.is_main(),
     )  # fmt: skip
+    if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes the outputs
+        return 0
     out = {
         "model": args.model,
         "model_info": {"name": model.name},

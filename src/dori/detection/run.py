@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from dori import distributed
 from dori.data.sets import Item
 from dori.detection.base import Detector
 from dori.detection.metrics import summarize
@@ -46,7 +47,9 @@ def score_items(
     prompts_per_call: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Score the items not yet in ``run`` and write one result per item.
+    """Score the items not yet in ``run`` and write one result per item. Under ``torchrun`` each rank scores
+    its share of the pending items (:func:`dori.distributed.my_share`); all ranks return once every item is
+    written.
 
     Args:
         positions: each item's position in its full set (fixes its random draws).
@@ -54,6 +57,7 @@ def score_items(
         progress: called with the number of items finished in this call.
     """
     todo = [j for j, it in enumerate(items) if not run.has(result_key(detector.name, set_name, it.id))]
+    todo = distributed.my_share(todo)
     for lo in range(0, len(todo), prompts_per_call):
         group = todo[lo : lo + prompts_per_call]
         scored = detector.score(model, [items[j].prompt for j in group], [positions[j] for j in group])
@@ -72,6 +76,7 @@ def score_items(
             )
         if progress is not None:
             progress(len(group))
+    distributed.sync()
 
 
 def run_detection(
