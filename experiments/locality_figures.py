@@ -1,21 +1,26 @@
 """Finding Dori, Section 4.1-4.3 and Appendix J: Figures 3, 4, 5, 10, 11, 12 and 13 on a world.
 
-Command (from the repository root)::
+Command that reproduces the committed result (``docs/locality/LOCALITY.md``; world v2, one H200)::
 
-    . .venv/bin/activate && python experiments/locality_figures.py
+    python experiments/locality_figures.py --device cuda --out runs/gpu/locality
 
-It runs ``dori analyze locality`` with the settings below (resumable: run it again after a kill), then
+It runs the locality analyses (:func:`dori.locality_run.locality_to_folder`, what ``dori analyze locality``
+runs) with the settings below (resumable: run it again after a kill), then
 writes ``LOCALITY.md`` into the run directory: per figure, the PNG and a note written from the measured
 numbers that says whether the paper's pattern holds. Edit the config and rerun to change anything; a
 changed setting needs a new ``OUT``.
 """
 
-import json
+import argparse
 import sys
 import time
 from pathlib import Path
 
-from dori.cli import main
+from dori.analysis.locality import LocalityConfig
+from dori.data.sets import load_set
+from dori.locality_run import copy_check, find_item, locality_to_folder
+from dori.models.devices import open_model
+from dori.models.pipeline import SamplingConfig
 from dori.report.figures_locality import TITLES
 
 # ---------------------------------------------------------------- config
@@ -27,29 +32,50 @@ K = 100  # Dori runs per init kind and size of Y_mem (paper: 100)
 STEPS = 50  # Dori steps per run (paper: 50)
 GENS = 1  # generations per trigger for the replication check
 SEED = 0
-OUT = Path("runs/locality-miniworld")
-EXTRA: list[str] = []  # e.g. ["--sscd", "path/to/sscd_disc_mixup.torchscript.pt", "--device", "cuda"]
+parser = argparse.ArgumentParser(description="Locality figures of Finding Dori on a world (resumable)")
+parser.add_argument("--model", default=MODEL)
+parser.add_argument("--out", type=Path, default=Path("runs/locality-miniworld"))
+parser.add_argument("--device", default=None)
+parser.add_argument(
+    "--sscd", default=None, help="SSCD TorchScript file (a real model; a world uses its stand-in)"
+)
+parser.add_argument("--k", type=int, default=K)
+args = parser.parse_args()
+OUT = args.out
 
 # ---------------------------------------------------------------- run
-argv = ["analyze", "locality", "--model", MODEL, "--set", SET, "--k", str(K), "--steps", str(STEPS)]
-argv += ["--gens", str(GENS), "--seed", str(SEED), "--out", str(OUT), *EXTRA]
-argv += ["--item", ITEM] if ITEM else []
-argv += ["--nonmem-set", NONMEM_SET] if NONMEM_SET else []
-print("dori " + " ".join(argv), flush=True)
 start = time.perf_counter()
-rc = main(argv)
-if rc != 0:
-    sys.exit(rc)
+model = open_model(args.model, args.device)
+items = load_set(SET, model)
+item = find_item(items, ITEM, SET)
+nonmem_name = NONMEM_SET or ("unique" if model.world is not None else "nonmem")
+cfg = LocalityConfig(
+    k=args.k,
+    steps=STEPS,
+    seed=SEED,
+    generation_seeds=tuple(range(SEED, SEED + GENS)),
+    sampling=SamplingConfig(),
+)
+settings = {
+    "command": "analyze locality",
+    "model": args.model,
+    "dtype": "fp32",
+    "set": SET,
+    "nonmem_set": nonmem_name,
+}
+out = locality_to_folder(
+    OUT, model, item, [it.prompt for it in load_set(nonmem_name, model)], [it.prompt for it in items], cfg,
+    *copy_check(model, args.sscd), settings=settings, log=lambda msg: print(f"[locality] {msg}", flush=True),
+)  # fmt: skip
 wall = time.perf_counter() - start
 
 # ---------------------------------------------------------------- notes
-out = json.loads((OUT / "locality.json").read_text())
 cfg, res = out["config"], out["results"]
 searches = {kind: res["dispersion"][kind]["search"] for kind in ("random", "nonmem") if "dispersion" in res}
 lines = [
     f"# Locality on {cfg['model']}: item {cfg['item']} of `{cfg['set']}`",
     "",
-    f"Command: `python experiments/locality_figures.py` (= `dori {' '.join(argv)}`), K = {cfg['k']}, "
+    f"Command: `python experiments/locality_figures.py {' '.join(sys.argv[1:])}`, K = {cfg['k']}, "
     f"{cfg['steps']} Dori steps, seed {cfg['seed']}, git {out['provenance'].get('git', '?')[:10]}.",
     f"Wall time of this invocation: {wall:.0f} s (a rerun skips finished units).",
 ]

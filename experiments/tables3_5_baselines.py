@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 from dori.attacks.dori import Dori
-from dori.audit import run_dori
+from dori.audit import run_attack
 from dori.data.sets import load_set
 from dori.evaluation import EvalConfig, Setting, evaluate_items, summarize, utility_scores
 from dori.metrics.backends import load_backends
+from dori.metrics.replication import copy_similarity
 from dori.mitigations.concept_ablation import ConceptAblation, miniworld_anchors
 from dori.mitigations.esd import ESD
 from dori.mitigations.siss import SISS
-from dori.mitigations.surrogates import embedder_similarity
 from dori.models.loading import load_model
 from dori.models.pipeline import SamplingConfig
 from dori.report.tables import format_table
@@ -75,14 +75,13 @@ model = load_model(opts.model, device=opts.device)
 items = load_set(opts.set, model, limit=opts.limit)
 n = len(items)
 backends = load_backends(model)
-similarity = embedder_similarity(backends.copy_detector)
+similarity = copy_similarity(backends.copy_detector)
 config = EvalConfig(
     n_gens=opts.n_gens, sampling=SamplingConfig(steps=opts.sample_steps, guidance=7.0), seed=opts.seed
 )
 run = RunDir(
     OUT / "audit", {"model": opts.model, "set": opts.set, "limit": opts.limit, "dori_steps": opts.dori_steps}
 )
-search = Dori(steps=opts.dori_steps)
 util_items = load_set("heldout", model, limit=opts.n_utility) if opts.n_utility else []
 rows: list[dict] = []
 cost: dict[str, float] = {}
@@ -101,9 +100,9 @@ def settings_of(key: str) -> list[Setting]:
 def evaluate(m, key: str, setting: Setting, sub: list, idx: list[int]) -> list[dict]:
     emb = None
     if setting.attack == "dori":
-        emb = run_dori(m, sub, idx, search, run, f"{key}.{setting.init}", config, init=setting.init)[
-            opts.dori_steps
-        ]
+        attack = Dori(steps=opts.dori_steps, init=setting.init)
+        tag = f"{key}.{setting.init}"
+        emb = run_attack(m, sub, idx, attack, run, config, [opts.dori_steps], tag=tag)[opts.dori_steps]
     return evaluate_items(m, sub, idx, backends, run, setting, config, embeddings=emb)
 
 

@@ -19,3 +19,13 @@ def tiny_pixel():
     from dori.models.builders import build_tiny_random
 
     return build_tiny_random(seed=1, latent=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not suffer when other jobs share the cores); use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

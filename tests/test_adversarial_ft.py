@@ -5,23 +5,13 @@ import torch
 
 from dori.data.sets import Item
 from dori.errors import DoriError
+from dori.metrics.replication import copy_similarity
 from dori.mitigations import lora
 from dori.mitigations.adversarial_ft import AdversarialFineTuning
-from dori.mitigations.surrogates import (
-    SurrogateSet,
-    embedder_similarity,
-    generate_surrogates,
-    load_surrogates,
-)
+from dori.mitigations.surrogates import SurrogateSet, generate_surrogates, load_surrogates
 from dori.mitigations.training import changed_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _items(n, seed, prefix):
@@ -176,7 +166,7 @@ def test_advft_lora_changes_only_wrapped_layers(tiny):
 
 def test_surrogates_reject_replicas_and_round_trip(tiny, tmp_path):
     items = _items(2, 4, "m")
-    sim = embedder_similarity(lambda im: im.flatten(1))
+    sim = copy_similarity(lambda im: im.flatten(1))
     # threshold above every cosine of random images: all candidates kept; at -1: all are "replicas"
     s = generate_surrogates(tiny, items, sim, threshold=1.01, per_item=2, max_rounds=1, config=_fast())
     assert {k: v.shape[0] for k, v in s.images.items()} == {"m0": 2, "m1": 2}

@@ -106,8 +106,9 @@ def test_analyze_partial_analyses_and_resume_per_unit(items_file, tmp_path, monk
 
 def test_find_item_errors(items_file):
     from dori.data.sets import load_set
+    from dori.locality_run import find_item
 
     items = load_set(str(items_file))
-    assert analyze._find_item(items, None, "x").id == "m0"
+    assert find_item(items, None, "x").id == "m0"
     with pytest.raises(DoriError):
-        analyze._find_item(items, "nope", "x")
+        find_item(items, "nope", "x")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dori import mitigations
 from dori.attacks.dori import Dori
 from dori.audit import run_audit
 from dori.data.sets import user_set
@@ -60,11 +59,23 @@ class ScaleMitigation:
     per_item = True
 
     def __init__(self, factor):
-        self.factor, self.calls = factor, []
+        self.factor, self.calls, self.row_calls = factor, [], []
+        self.source = f"factor-{factor}"
+
+    @contextlib.contextmanager
+    def applied_rows(self, model, row_ids):
+        self.row_calls.append(list(row_ids))
+        with self._scaled(model):
+            yield
 
     @contextlib.contextmanager
     def applied(self, model, item_ids=None):
         self.calls.append(None if item_ids is None else list(item_ids))
+        with self._scaled(model):
+            yield
+
+    @contextlib.contextmanager
+    def _scaled(self, model):
         weight = model.unet.conv_out.weight
         old = weight.detach().clone()
         weight.data.mul_(self.factor)
@@ -186,22 +197,21 @@ def test_report_renders_in_chromium(cli_run, tmp_path):
 
 
 def _audit(
-    model, folder, run_dir, batch_size=64, mitigation="none", attack="dori", progress=False, kinds=("user",)
+    model, folder, run_dir, batch_size=64, mitigation=None, attack="dori", progress=False, kinds=("user",)
 ):
     items = user_set(write_items(folder, missing=False, kinds=kinds), image_size=16)
     config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2, batch_size=batch_size), seed=3)
     run = RunDir(run_dir, {"test": True})
     return run_audit(
-        model, items, "toy", fake_backends(), run, config, mitigation=mitigation, attack=attack,
-        dori=Dori(steps=2), snapshots=(1,), progress=progress,
+        model, items, "toy", fake_backends(), run, config, mitigation=mitigation,
+        attack=Dori(steps=2) if attack == "dori" else None, snapshots=(1,), progress=progress,
     )  # fmt: skip
 
 
-def test_identity_mitigation_pairs_seeds_and_restores(tiny, tmp_path, monkeypatch):
+def test_identity_mitigation_pairs_seeds_and_restores(tiny, tmp_path):
     fitted = {"scale:1": ScaleMitigation(1.0), "scale:0": ScaleMitigation(0.0)}
-    monkeypatch.setattr(mitigations, "load_mitigation", fitted.__getitem__, raising=False)
     before = tiny.unet.conv_out.weight.detach().clone()
-    same = _audit(tiny, tmp_path / "d", tmp_path / "same", mitigation="scale:1", kinds=("vm", "tm"))
+    same = _audit(tiny, tmp_path / "d", tmp_path / "same", mitigation=fitted["scale:1"], kinds=("vm", "tm"))
     keys = ["none", "scale", "scale+dori-1", "scale+dori-2"]
     assert [r["key"] for r in same["rows"]] == [k for k in keys for _ in range(3)]
     assert [r["set"] for r in same["rows"][:3]] == ["toy", "toy/tm", "toy/vm"]
@@ -211,7 +221,10 @@ def test_identity_mitigation_pairs_seeds_and_restores(tiny, tmp_path, monkeypatc
     assert scale_row["sscd_gen"] == {"median": pytest.approx(1.0), "mad": pytest.approx(0.0, abs=1e-6)}
     assert scale_row["sscd_orig"]["median"] == pytest.approx(none_row["sscd_orig"]["median"], abs=1e-5)
     assert all(c is not None and len(c) == 1 for c in fitted["scale:1"].calls)  # one context per item
-    changed = _audit(tiny, tmp_path / "d", tmp_path / "changed", mitigation="scale:0", attack="none")
+    ids = {"it0", "it1"}  # batched calls carry each row's own item (applied_rows)
+    assert fitted["scale:1"].row_calls and all(set(r) <= ids for r in fitted["scale:1"].row_calls)
+    assert same["settings"][1]["mitigation"] == "scale:factor-1.0"
+    changed = _audit(tiny, tmp_path / "d", tmp_path / "changed", mitigation=fitted["scale:0"], attack="none")
     assert changed["rows"][1]["sscd_gen"]["median"] < 0.99
     torch.testing.assert_close(tiny.unet.conv_out.weight, before, rtol=0, atol=0)
 
@@ -264,8 +277,8 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2), seed=3)
     run = RunDir(tmp_path / "uda", {"test": True})
     out = run_audit(
-        tiny, items, "toy", fake_backends(), run, config, attack="unlearndiffatk",
-        uda=UnlearnDiffAtk(timesteps=2, iterations=2), progress=False,
+        tiny, items, "toy", fake_backends(), run, config, attack=UnlearnDiffAtk(timesteps=2, iterations=2),
+        progress=False,
     )  # fmt: skip
     assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
     prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
@@ -275,8 +288,8 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     always = Backends(FakeCopy(), -2.0, FakeAligner(), FakeInception())  # every cosine passes -2
     run2 = RunDir(tmp_path / "uda2", {"test": True})
     run_audit(
-        tiny, items, "toy", always, run2, config, attack="unlearndiffatk",
-        uda=UnlearnDiffAtk(timesteps=2, iterations=2), progress=False,
+        tiny, items, "toy", always, run2, config, attack=UnlearnDiffAtk(timesteps=2, iterations=2),
+        progress=False,
     )  # fmt: skip
     assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [1] * len(items)
 
@@ -310,7 +323,7 @@ def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):
 
 
 def test_skip_windows_the_set_and_refuses_an_empty_one():
-    from dori.commands.audit import _window
+    from dori.audit_run import window as _window
 
     items = list(range(10))
     assert _window(items, 0, None) == items

@@ -10,13 +10,7 @@ from dori.mitigations.siss import SISS, mixture_weights
 from dori.mitigations.training import changed_parameters
 from dori.models.pipeline import SamplingConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _items(n=2, seed=0):
@@ -65,7 +59,6 @@ def test_concept_ablation_runs_filters_replicas_and_moves_the_prompt(tiny):
 
 
 def test_miniworld_anchors_keep_the_kind_and_avoid_other_titles():
-    pytest.importorskip("dori.miniworld.generator")
     from dori.miniworld.generator import pseudo_words
 
     w = pseudo_words()

@@ -10,13 +10,7 @@ from PIL import Image
 from dori.cli import main
 from dori.models.loading import load_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(path, seed):
@@ -71,6 +65,7 @@ def test_finetune_without_surrogates_is_a_clear_error(tmp_path, capsys, command)
 
 def test_surrogate_model_is_the_fallback_for_items_the_mitigation_leaves_replicating(tmp_path, monkeypatch):
     import dori.mitigations as mitigations
+    import dori.mitigations.surrogate_policy as policy
     import dori.mitigations.surrogates as surrogates
 
     calls = []
@@ -87,7 +82,7 @@ def test_surrogate_model_is_the_fallback_for_items_the_mitigation_leaves_replica
         return out
 
     class Fitted:
-        applied = object()
+        name, source, applied = "nemo", "unused", object()
 
     class Detector:
         name = "fake-copy-detector"
@@ -98,10 +93,12 @@ def test_surrogate_model_is_the_fallback_for_items_the_mitigation_leaves_replica
     class Backends:
         copy_detector, threshold = Detector(), 0.8
 
-    import dori.commands.finetune as finetune_cmd
+    import dori.commands.finetune_common as finetune_cmd
 
-    monkeypatch.setattr(finetune_cmd, "_backends", lambda args, model: Backends())
-    monkeypatch.setattr(surrogates, "generate_surrogates", fake_generate)
+    monkeypatch.setattr(
+        finetune_cmd, "copy_check", lambda args, model: (Detector(), Backends.threshold, Detector.name)
+    )
+    monkeypatch.setattr(policy, "generate_surrogates", fake_generate)
     monkeypatch.setattr(mitigations, "load_mitigation", lambda spec: Fitted())
     mem = _set(tmp_path, "mem", 3, 0)
     util = _set(tmp_path, "util", 2, 10)

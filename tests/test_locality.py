@@ -198,6 +198,19 @@ def test_timed_search_and_replication_check(tiny):
         ED.timed_search(Dori(steps=1), tiny, x0, init, [0, 1])
 
 
+@pytest.mark.parametrize("ratio, holds", [(0.49, False), (0.5, True), (0.51, True)])
+def test_discrepancy_verdict_flips_at_the_stated_threshold(ratio, holds):
+    """Fig. 4's verdict is computed from the numbers: Y_adv / Y_mem >= COMPARABLE in most layers of both."""
+    from dori.report.locality_notes import COMPARABLE, note_discrepancy
+
+    assert COMPARABLE == 0.5
+    table = {"layers": ["a", "b", "c"], "adv": [ratio * 10, ratio * 10, 1.0], "mem": [10.0, 10.0, 10.0]}
+    act = {"n_adv": 2, "n_mem": 2, "nemo": table, "wanda": table}
+    text = note_discrepancy(act)
+    assert ("Pattern holds" in text) == holds and ("does NOT hold" in text) == (not holds)
+    assert f"{ratio:.2f}, {ratio:.2f}, 0.10" in text  # the ratios it judged are the ones printed
+
+
 def test_notes_state_verdicts_from_numbers():
     from dori.report.locality_notes import note_agreement, note_discrepancy, note_weights
 

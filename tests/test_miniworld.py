@@ -150,15 +150,6 @@ def test_miniworld_info_command(micro_world, capsys):
     assert "set vm" in out and "threshold" in out and "scene detail 1" in out
 
 
-def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
-    from dori.miniworld.check import frechet_distance
-
-    a = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
-    assert abs(frechet_distance(a, a)) < 1e-6
-    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.05)
-
-
-@pytest.mark.slow
 def test_tiny_world_trains_and_memorizes(tmp_path):
     """``dori miniworld train --tiny`` on CPU: the vm items are replicated, heldout captions are not."""
     from dori.cli import main

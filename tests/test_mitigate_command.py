@@ -19,13 +19,7 @@ from dori.mitigations import (
 from dori.mitigations.nemo import NeMoResult
 from dori.mitigations.wanda import Wanda, WandaResult
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_and_none():

@@ -9,8 +9,9 @@ import torch
 from dori.errors import DoriError
 from dori.metrics.ssim import MSSSIMSettings, ms_ssim, ms_ssim_settings
 from dori.mitigations import nemo_calibration
-from dori.mitigations.nemo import NeMo, NeMoResult, iterative_nemo
+from dori.mitigations.nemo import NeMo, NeMoResult
 from dori.mitigations.nemo_calibration import Calibration, is_sd14, reference_statistics, value_activations
+from dori.mitigations.nemo_iterative import iterative_nemo
 from dori.mitigations.nemo_noise import (
     NoiseSettings,
     detection_timestep,
@@ -25,13 +26,7 @@ from dori.models.layers import value_layers
 PROMPTS = ["a red circle on blue", "a small green square", "two yellow stars", "a cat on a mat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer when other jobs share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -319,11 +314,18 @@ def test_noise_difference_settings(tiny):
     assert d.amin() == 0 and d.amax() == 1
 
 
-def test_paper_variant_runs_with_guidance(tiny, calib):
-    item = NeMo(variant="paper", n_seeds=3, theta_start=1.5, tau=0.05).detect(
-        tiny, tiny.encode_text(PROMPTS[:1]), calib
-    )[0]
-    assert item.memorized and item.evaluations > 0
+def test_paper_variant_scores_with_guidance_and_its_neurons_block_memorization(tiny, calib):
+    """The paper variant scores at the first timestep with guidance 7 (the reference without guidance at the
+    second), so its scores differ; its refined neurons bring the score under tau, and a tau above every score
+    flags nothing."""
+    y = tiny.encode_text(PROMPTS[:1])
+    paper = NeMo(variant="paper", n_seeds=3, theta_start=1.5, tau=0.05).detect(tiny, y, calib)[0]
+    ref = NeMo(variant="reference", n_seeds=3, theta_start=1.5, tau=0.05).detect(tiny, y, calib)[0]
+    assert paper.memorized and paper.evaluations > 0
+    assert sum(map(len, paper.refined.values())) > 0
+    assert paper.refined_score < paper.refine_tau  # blocking the found neurons ends the memorization signal
+    assert paper.initial_score != pytest.approx(ref.initial_score, abs=1e-6)
+    assert not NeMo(variant="paper", n_seeds=3, tau=1e6).detect(tiny, y, calib)[0].memorized
 
 
 def test_sd14_is_recognized_by_name(tiny):
@@ -383,7 +385,7 @@ def test_iterative_nemo_resumes_from_finished_rounds(tiny, calib):
 
 def test_dori_search_batches_items_with_their_own_neurons(tiny):
     from dori.attacks.dori import Dori
-    from dori.mitigations.nemo_result import make_dori_search
+    from dori.mitigations.nemo_iterative import make_dori_search
 
     layers = value_layers(tiny.unet)
     x0 = tiny.encode_images(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)))

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,22 @@ def test_changed_config_refused(tmp_path):
 
 
 def test_provenance_written(tmp_path):
+    """Provenance names the commit the code runs from (the same as git reports), the versions and argv."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import dori
+
     run = RunDir(tmp_path / "r", {})
     prov = run.provenance
-    assert {"git", "torch", "diffusers", "dori"} <= set(prov)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(dori.__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    assert len(head) == 40 and prov["git"] == head
+    assert prov["torch"] == torch.__version__ and prov["dori"] == dori.__version__
+    assert prov["argv"] == sys.argv
 
 
 def test_shipped_sets():

@@ -10,12 +10,7 @@ from dori.models.layers import ffn_layers, get_module
 PROMPTS = ["a red circle on blue", "a small green square", "two yellow stars"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(**kw):

@@ -5,12 +5,14 @@ Rows of one audit, all scored with :mod:`dori.evaluation` on the same items and 
 
 1. ``none``: the unmitigated model from each item's prompt (also the reference of SSCD_gen);
 2. the mitigated model from the prompts (when a mitigation is given);
-3. with ``attack="dori"``: the (mitigated) model from Dori embeddings searched against that same model,
-   one row per evaluated number of Dori steps (snapshots, e.g. 1, 10, 25 and the final step), so MR can
-   be read against steps (Tables 6-7).
+3. with an attack (:class:`dori.attacks.base.Attack`: Dori, UnlearnDiffAtk): the (mitigated) model from the
+   attack's embeddings searched against that same model, one row per evaluated step (Dori: snapshots,
+   e.g. 1, 10, 25 and the final step, so MR can be read against steps, Tables 6-7).
 
-Dori runs batched over items (one seed per item) unless the mitigation is per item; its embeddings,
-loss and norm curves and snapshots are saved per item as artifacts, so a rerun skips finished searches.
+The attack runs batched over items (one seed per item); with a per-item mitigation each UNet row carries
+its own item's mitigation (``applied_rows``) when the attack supports it, else items run one at a time.
+Each item's result (embeddings, losses, snapshots, the attack's own tensors) is one artifact
+``{attack.key}.{mitigation}.{item}.safetensors``, so a rerun skips finished searches.
 FID/KID (when a utility prompt set is given) are properties of the model state, so Dori rows repeat the
 values of their mitigation's row, as the paper's tables do. A set mixing kinds of items (``memorized`` =
 VM + TM) gets, after each setting's row, one row per kind (``set`` = ``memorized/vm``).
@@ -19,22 +21,20 @@ VM + TM) gets, after each setting's row, one row per kind (``set`` = ``memorized
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dori import distributed
-from dori.attacks.dori import Dori, initial_embeddings
+from dori.attacks.base import Attack, Success
+from dori.data.images import resize_to
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.evaluation import (
     EvalConfig,
-    MitigationContext,
     Setting,
     dori_seed,
     embed,
@@ -46,8 +46,20 @@ from dori.evaluation import (
 )
 from dori.metrics import functions as M
 from dori.metrics.features import Backends
+from dori.metrics.replication import replicated
+from dori.mitigations.base import Mitigation, spec
 from dori.models.pipeline import T2IModel
 from dori.runs import RunDir, atomic_save_tensors, load_tensors
+
+__all__ = [
+    "Utility",
+    "attack_artifact",
+    "audit_settings",
+    "norm_ratios",
+    "run_attack",
+    "run_audit",
+    "resize_to",
+]
 
 
 @dataclass
@@ -59,119 +71,56 @@ class Utility:
     reference: Callable[[], Sequence[torch.Tensor]]
 
 
-def dori_artifact(mitigation_key: str, item_id: str) -> str:
-    return f"dori.{mitigation_key}.{item_id}.safetensors"
+def attack_artifact(attack_key: str, mitigation_key: str, item_id: str) -> str:
+    """The artifact of one item's search: ``{attack}.{mitigation}.{item}.safetensors``."""
+    return f"{attack_key}.{mitigation_key}.{item_id}.safetensors"
 
 
-def norm_ratios(run: RunDir, mitigation_key: str, item_id: str) -> torch.Tensor:
+def norm_ratios(run: RunDir, mitigation_key: str, item_id: str, attack_key: str = "dori") -> torch.Tensor:
     """||y_adv|| / ||y_init|| of one item after each Dori step (Finding Dori, Fig. 7, right: reaching a
     non-memorized image takes a large rise of the embedding's norm, a memorized one does not)."""
-    saved = load_tensors(run.artifact(dori_artifact(mitigation_key, item_id)))
+    saved = load_tensors(run.artifact(attack_artifact(attack_key, mitigation_key, item_id)))
     return saved["norms"].float() / saved["init"].float().norm().clamp_min(1e-12)
 
 
-def resolve_mitigation(spec: str) -> tuple[str, object | None]:
-    """``none`` -> (``none``, None); ``nemo:DIR`` -> (``nemo``, fitted mitigation) via
-    :func:`dori.mitigations.load_mitigation`."""
-    if spec in ("none", "", None):
-        return "none", None
-    from dori import mitigations
-
-    load = getattr(mitigations, "load_mitigation", None)
-    if load is None:
-        raise DoriError("this dori has no mitigation loader (dori.mitigations.load_mitigation)")
-    return spec.split(":", 1)[0], load(spec)
+def _key(mitigation: Mitigation | None) -> str:
+    return "none" if mitigation is None else mitigation.name
 
 
-def audit_settings(mitigation: str, mkey: str, attack: str, steps: int, snapshots: Sequence[int], init: str):
+def audit_settings(
+    mitigation: Mitigation | None, attack: Attack | None, snapshots: Sequence[int] = ()
+) -> list[Setting]:
     """The settings (rows) of one audit, in the order they are evaluated."""
+    mkey, mspec = _key(mitigation), spec(mitigation)
     rows = [Setting("none", "no mitigation")]
     ref = None
     if mkey != "none":
-        rows.append(Setting(mkey, mkey, mitigation=mitigation, reference="none"))
+        rows.append(Setting(mkey, mkey, mitigation=mspec, reference="none"))
         ref = "none"
-    if attack == "dori":
-        for k in sorted({s for s in snapshots if 0 < s < steps} | {steps}):
-            base = "no mitigation" if mkey == "none" else mkey
-            label = f"{base} + dori" + ("" if k == steps else f" @{k}")
-            rows.append(
-                Setting(f"{mkey}+dori-{k}", label, mitigation, "dori", dori_steps=k, init=init, reference=ref)
-            )
-    elif attack == "unlearndiffatk":
+    if attack is not None:
         base = "no mitigation" if mkey == "none" else mkey
-        rows.append(
-            Setting(f"{mkey}+uda", f"{base} + UnlearnDiffAtk", mitigation, "unlearndiffatk", reference=ref)
-        )
-    elif attack != "none":
-        raise DoriError(f"unknown attack {attack!r}: use none, dori or unlearndiffatk")
+        init = attack.settings().get("init")
+        last = attack.row_steps(snapshots)[-1]
+        for k in attack.row_steps(snapshots):
+            if k is None:
+                key, label = f"{mkey}+{attack.key}", f"{base} + {attack.label}"
+            else:
+                key = f"{mkey}+{attack.key}-{k}"
+                label = f"{base} + {attack.label}" + ("" if k == last else f" @{k}")
+            rows.append(Setting(key, label, mspec, attack.name, dori_steps=k, init=init, reference=ref))
     return rows
 
 
-def uda_artifact(mitigation_key: str, item_id: str) -> str:
-    return f"uda.{mitigation_key}.{item_id}.safetensors"
-
-
-def run_unlearndiffatk(
-    model: T2IModel,
-    items: Sequence[Item],
-    indices: Sequence[int],
-    attack,
-    run: RunDir,
-    mkey: str,
-    config: EvalConfig,
-    mitigation: MitigationContext | None = None,
-    per_item: bool = False,
-    max_items: int = 32,
-    backends: Backends | None = None,
-) -> torch.Tensor:
-    """UnlearnDiffAtk prompts (Appendix G.1) per item against the (mitigated) model, saved per item like Dori's
-    embeddings; returns the embeddings of the found discrete prompts (N, tokens, dim).
-
-    With ``backends``, an item stops at the first timestep whose current prompt already replicates (the
-    reference's early stop, :func:`uda_success`), so the prompt kept is the first one that succeeded.
-    """
-    todo = distributed.my_share(
-        [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
-    )
-    per_call = 1 if per_item else max_items
-    for lo in range(0, len(todo), per_call):
-        group = todo[lo : lo + per_call]
-        seeds = [dori_seed(config.seed, indices[j]) for j in group]
-        x0 = model.encode_images(torch.stack([resize_to(items[j].image, model.image_size) for j in group]))
-        ids = [items[j].id for j in group]
-        ctx = mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
-        success = None
-        if backends is not None:
-            first = [generation_seeds(config.seed, indices[j], 1)[0] for j in group]
-            success = uda_success(model, [items[j].image for j in group], first, backends, config)
-        with ctx:
-            res = attack(model, x0, [items[j].prompt for j in group], seeds, success=success)
-        for pos, j in enumerate(group):
-            atomic_save_tensors(
-                run.artifact(uda_artifact(mkey, items[j].id)),
-                {
-                    "embedding": res.embeddings[pos],
-                    "token_ids": res.token_ids[pos],
-                    "losses": res.losses[pos],
-                },
-            )
-            stopped = res.stopped_at[pos] if res.stopped_at else None
-            run.put(f"uda.{mkey}.{items[j].id}", {"prompt": res.prompts[pos], "stopped_at": stopped})
-    distributed.sync()
-    return torch.stack([load_tensors(run.artifact(uda_artifact(mkey, it.id)))["embedding"] for it in items])
-
-
-def uda_success(
+def replication_check(
     model: T2IModel,
     images: Sequence[torch.Tensor],
     seeds: Sequence[int],
     backends: Backends,
     config: EvalConfig,
-) -> Callable[[list[int], torch.Tensor], list[bool]]:
-    """UnlearnDiffAtk's stop test for memorization: one generation from the current prompt (``seeds``: the
-    items' first evaluation seeds; the protocol's sampler) passes the replication threshold against the
-    training image.
-    Called inside the attack, so a mitigation applied around it applies here too."""
+) -> Success:
+    """An attack's stop test (UnlearnDiffAtk's early stop for memorization): one generation from the current
+    conditioning (``seeds``: the items' first evaluation seeds; the protocol's sampler) replicates the
+    training image. Called inside the attack, so a mitigation applied around it applies here too."""
 
     def success(idx: list[int], embeddings: torch.Tensor) -> list[bool]:
         with torch.no_grad():  # scored as evaluate_items scores a generation: uint8, training image as given
@@ -181,93 +130,97 @@ def uda_success(
                 backends.copy_detector, [to_uint8(images[i]).float() / 255 for i in idx], config.feature_batch
             )
         return [
-            M.sscd_orig(f[None], t)["max"] >= backends.threshold for f, t in zip(feats, train, strict=True)
+            replicated(M.sscd_orig(f[None], t)["max"], backends.threshold)
+            for f, t in zip(feats, train, strict=True)
         ]
 
     return success
 
 
-def run_dori(
+def run_attack(
     model: T2IModel,
     items: Sequence[Item],
     indices: Sequence[int],
-    dori: Dori,
+    attack: Attack,
     run: RunDir,
-    mkey: str,
     config: EvalConfig,
-    init: str = "prompt",
-    other_prompts: Sequence[str] | None = None,
-    mitigation: MitigationContext | None = None,
-    per_item: bool = False,
+    steps: Sequence[int | None],
+    mitigation: Mitigation | None = None,
+    backends: Backends | None = None,
+    init_prompts: Sequence[str] | None = None,
     max_items: int = 32,
     progress: bool = True,
-    rows: MitigationContext | None = None,
-) -> dict[int, torch.Tensor]:
-    """Search (or load) one Dori embedding per item; returns snapshot step -> embeddings (N, tokens, dim).
+    tag: str | None = None,
+) -> dict[int | None, torch.Tensor]:
+    """Search (or load) one conditioning per item; returns step -> embeddings (N, tokens, dim) for each of
+    ``steps`` (None: the attack's final result; the attack must be ``recording`` the others).
 
     Args:
-        init: ``prompt``, ``random`` or ``other`` (``other_prompts[i]`` for item i).
-        mitigation / per_item: the model state the search runs against (as in :func:`evaluate_items`).
-        max_items: most items searched in one batch (bounds memory; the result does not depend on it).
+        indices: each item's position in its set (fixes its seed).
+        mitigation: the model state the search runs against; a per-item one applies each item's own part.
+        backends: when given, the attack gets a replication test as ``success`` (UnlearnDiffAtk stops early).
+        init_prompts: one per item, for attacks that start from other prompts (Dori with init ``other``).
+        max_items: most items searched in one call (bounds memory; the result does not depend on it).
+        tag: the model state's name in the artifacts (default: the mitigation's name, ``none`` without one);
+            several models audited into one run directory need one tag each.
     """
+    mkey = tag or _key(mitigation)
+    per_item = mitigation is not None and mitigation.per_item
+    rowwise_items = attack.rowwise_items(max_items) if per_item else None
+    per_call = rowwise_items or (1 if per_item else max_items)
     # sharded over the ranks of a torchrun job (a no-op in one process); every rank loads all results after
     todo = distributed.my_share(
-        [j for j, it in enumerate(items) if not run.artifact(dori_artifact(mkey, it.id)).exists()]
+        [
+            j
+            for j, it in enumerate(items)
+            if not run.artifact(attack_artifact(attack.key, mkey, it.id)).exists()
+        ]
     )
-    rowwise = per_item and rows is not None
-    if rowwise:  # one chunk of the search = all items of a call, so each UNet batch has a known layout
-        per_call = max(1, min(max_items, dori.max_micro_batch // dori.batch_size))
-    else:
-        per_call = 1 if per_item else max_items
     bar = tqdm(
-        total=len(todo) * dori.steps, desc=f"dori {mkey}", disable=not progress, file=sys.stderr, leave=False
-    )
+        total=len(todo) * attack.steps, desc=f"{attack.key} {mkey}", disable=not progress, file=sys.stderr,
+        leave=False,
+    )  # fmt: skip
     try:
         for lo in range(0, len(todo), per_call):
             group = todo[lo : lo + per_call]
             seeds = [dori_seed(config.seed, indices[j]) for j in group]
             prompts = [items[j].prompt for j in group]
-            if init == "other":
-                if other_prompts is None:
-                    raise DoriError("init 'other' needs other prompts")
-                y0 = initial_embeddings(
-                    model, prompts, "other", other_prompts=[other_prompts[j] for j in group]
-                )
-            else:
-                y0 = initial_embeddings(model, prompts, init, seeds=seeds)
-            images = torch.stack([resize_to(items[j].image, model.image_size) for j in group])
-            x0 = model.encode_images(images)
+            x0 = model.encode_images(
+                torch.stack([resize_to(items[j].image, model.image_size) for j in group])
+            )
             ids = [items[j].id for j in group]
-            if rowwise:
-                ctx = rows([i for i in ids for _ in range(dori.batch_size)])
-            elif mitigation is not None:
-                ctx = mitigation(ids if per_item else None)
-            else:
+            if mitigation is None:
                 ctx = contextlib.nullcontext()
+            elif rowwise_items:
+                ctx = mitigation.applied_rows(model, attack.row_ids(ids))
+            else:
+                ctx = mitigation.applied(model, ids if per_item else None)
+            success = None
+            if backends is not None:
+                first = [generation_seeds(config.seed, indices[j], 1)[0] for j in group]
+                success = replication_check(model, [items[j].image for j in group], first, backends, config)
+            others = None if init_prompts is None else [init_prompts[j] for j in group]
             done = bar.n
             with ctx:
-                res = dori(
-                    model,
-                    x0,
-                    y0,
-                    seeds,
+                res = attack.run(
+                    model, x0, prompts, seeds, init_prompts=others, success=success,
                     progress=lambda s, d=done, k=len(group): bar.update(d + s * k - bar.n),
-                )
+                )  # fmt: skip
             for pos, j in enumerate(group):
-                tensors = {
-                    "embedding": res.embeddings[pos],
-                    "init": y0[pos].float(),
-                    "losses": res.losses[pos],
-                    "norms": res.norms[pos] if res.norms is not None else torch.zeros(dori.steps),
-                }
+                tensors = {"embedding": res.embeddings[pos], "losses": res.losses[pos]}
+                tensors.update({k: v[pos] for k, v in res.tensors.items()})
                 tensors.update({f"snap.{k}": v[pos] for k, v in res.snapshots.items()})
-                atomic_save_tensors(run.artifact(dori_artifact(mkey, items[j].id)), tensors)
+                atomic_save_tensors(run.artifact(attack_artifact(attack.key, mkey, items[j].id)), tensors)
+                if res.records:
+                    run.put(f"{attack.key}.{mkey}.{items[j].id}", res.records[pos])
     finally:
         bar.close()
     distributed.sync()
-    loaded = [load_tensors(run.artifact(dori_artifact(mkey, it.id))) for it in items]
-    out = {k: torch.stack([t[f"snap.{k}"] for t in loaded]) for k in dori.snapshot_steps}
-    out[dori.steps] = torch.stack([t["embedding"] for t in loaded])
+    loaded = [load_tensors(run.artifact(attack_artifact(attack.key, mkey, it.id))) for it in items]
+    out: dict[int | None, torch.Tensor] = {}
+    for k in steps:
+        name = "embedding" if k is None or k == attack.steps else f"snap.{k}"
+        out[k] = torch.stack([t[name] for t in loaded])
     return out
 
 
@@ -278,29 +231,28 @@ def run_audit(
     backends: Backends,
     run: RunDir,
     config: EvalConfig,
-    mitigation: str = "none",
-    attack: str = "none",
-    dori: Dori | None = None,
-    init: str = "prompt",
-    other_prompts: Sequence[str] | None = None,
+    mitigation: Mitigation | None = None,
+    attack: Attack | None = None,
+    init_prompts: Sequence[str] | None = None,
     snapshots: Sequence[int] = (1, 10, 25),
     utility: Utility | None = None,
     progress: bool = True,
-    uda=None,
 ) -> dict:
-    """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol"}``.
+    """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol", ...}``.
 
     Args:
         items: the set (after any limit); an item's position fixes its seeds. Items without a training
             image are skipped and listed with their reason.
-        mitigation: ``none`` or a spec for :func:`dori.mitigations.load_mitigation` (``nemo:DIR``).
-        attack: ``none``, ``dori`` (then ``dori`` holds the search settings; default: the paper's) or
-            ``unlearndiffatk`` (the discrete-prompt baseline of Appendix G.1; ``uda`` holds its settings).
-        init: Dori initialization ``prompt``, ``random`` or ``other`` (with ``other_prompts``, one per
-            item of ``items``).
-        snapshots: Dori steps evaluated besides the last.
+        mitigation: a fitted inference-time mitigation (``dori.mitigations.load_mitigation("nemo:DIR")``), or
+            None for the unmitigated model only.
+        attack: None, or an attack (:class:`dori.attacks.dori.Dori`, whose ``init`` says where it starts;
+            :class:`dori.attacks.unlearndiffatk.UnlearnDiffAtk`, the discrete-prompt baseline of App. G.1).
+        init_prompts: for Dori with init ``other``, one prompt per item of ``items``.
+        snapshots: attack steps evaluated besides the last (Dori).
         utility: prompts and reference images for FID/KID (needs ``backends.features``).
     """
+    if mitigation is not None and mitigation.name == "none":
+        mitigation = None
     usable, indices, skipped = [], [], []
     for idx, item in enumerate(items):
         if item.skip_reason is None and item.image is not None:
@@ -310,39 +262,26 @@ def run_audit(
             skipped.append({"id": item.id, "reason": item.skip_reason or "no training image"})
     if not usable:
         raise DoriError(f"no item of set {set_name!r} has a training image ({len(skipped)} skipped)")
-    mkey, fitted = resolve_mitigation(mitigation)
-    ctx = None if fitted is None else (lambda ids: fitted.applied(model, ids))
-    per_item = bool(getattr(fitted, "per_item", True)) if fitted is not None else False
-    rows_ctx = None
-    if per_item and hasattr(fitted, "applied_rows"):
-        rows_ctx = lambda row_ids: fitted.applied_rows(model, row_ids)  # noqa: E731
-    dori = dori or Dori()
-    settings = audit_settings(mitigation, mkey, attack, dori.steps, snapshots, init)
-    searched: dict[int, torch.Tensor] = {}
-    uda_embeddings: torch.Tensor | None = None
-    if attack == "dori":
-        steps_needed = tuple(s.dori_steps for s in settings if s.attack == "dori")
-        dori = dataclasses.replace(dori, snapshot_steps=steps_needed)
+    mkey = _key(mitigation)
+    per_item = mitigation is not None and mitigation.per_item
+    ctx = None if mitigation is None else (lambda ids: mitigation.applied(model, ids))
+    rows_ctx = (lambda row_ids: mitigation.applied_rows(model, row_ids)) if per_item else None  # noqa: E731
+    settings = audit_settings(mitigation, attack, snapshots)
+    searched: dict[int | None, torch.Tensor] = {}
+    steps = [s.dori_steps for s in settings if attack is not None and s.attack == attack.name]
+    if attack is not None:
+        attack = attack.recording(steps)
     for setting in settings:
         is_mitigated = setting.mitigation != "none"
-        if setting.attack == "dori" and not searched:
-            others = None if other_prompts is None else [other_prompts[i] for i in indices]
-            searched = run_dori(
-                model, usable, indices, dori, run, mkey, config, init, others,
-                ctx, per_item, progress=progress, rows=rows_ctx,
-            )  # fmt: skip
-        if setting.attack == "unlearndiffatk" and uda_embeddings is None:
-            from dori.attacks.unlearndiffatk import UnlearnDiffAtk
-
-            uda_embeddings = run_unlearndiffatk(
-                model, usable, indices, uda or UnlearnDiffAtk(), run, mkey, config, ctx, per_item,
-                backends=backends,
-            )  # fmt: skip
         embeddings = None
-        if setting.attack == "dori":
-            embeddings = searched.get(setting.dori_steps)
-        elif setting.attack == "unlearndiffatk":
-            embeddings = uda_embeddings
+        if setting.attack != "none":
+            if not searched:
+                others = None if init_prompts is None else [init_prompts[i] for i in indices]
+                searched = run_attack(
+                    model, usable, indices, attack, run, config, steps, mitigation, backends, others,
+                    progress=progress,
+                )  # fmt: skip
+            embeddings = searched[setting.dori_steps]
         evaluate_items(
             model,
             usable,
@@ -389,16 +328,6 @@ def run_audit(
         "skipped": skipped,
         "settings": [s.describe() for s in settings],
         "protocol": config.describe(),
-        "dori": dori.settings() if attack == "dori" else None,
+        "dori": attack.settings() if attack is not None and attack.name == "dori" else None,
         "backends": backends.describe(),
     }
-
-
-def resize_to(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] resized (bicubic, antialiased) to size x size, if needed."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    out = F.interpolate(
-        image[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
-    )
-    return out[0].clamp(0, 1)

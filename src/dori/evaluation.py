@@ -36,6 +36,7 @@ from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics import functions as M
 from dori.metrics.features import Backends
+from dori.metrics.replication import replicated
 from dori.models.pipeline import SamplingConfig, T2IModel
 from dori.runs import RunDir, atomic_save_tensors, load_tensors
 
@@ -283,7 +284,7 @@ def score_item(
         "kind": item.kind,
         "conditioning": "prompt" if setting.attack == "none" else setting.attack,
         "sscd_orig": orig,
-        "replicated": orig["max"] >= threshold,
+        "replicated": replicated(orig["max"], threshold),
         "sscd_gen": None,
         "d_sscd": M.d_sscd(feats),
         "a_clip": None if clip is None else M.a_clip(*clip),

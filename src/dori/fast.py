@@ -1,6 +1,6 @@
 """The fast path: one switch for faster Dori searches, sampling and pruning statistics on a GPU.
 
-What it does (``FastPath().apply(model)``, or ``--fast`` on the command line):
+What it does (``FastPath().apply(model)``; ``--fast`` on the command line):
 
 * **bf16 weights** for the UNet and the VAE on CUDA (the text encoder stays float32: it runs once per
   prompt). The Dori embedding y, its Adam state, x0, the noise, x_t, the loss and the DDIM state stay
@@ -30,9 +30,8 @@ its batch (each item draws its own noise from its own seed).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -161,6 +160,21 @@ class FastPath:
             self.compile_unet(model)
         return dori, items, config
 
+    def tune_audit(
+        self, model: T2IModel, sampling: SamplingConfig, dori: Dori, n_items: int
+    ) -> tuple[Dori, SamplingConfig]:
+        """What an audit runs with on the fast path: ``dori`` with its UNet batch raised to what fits and the
+        sampling config with larger batches (never below the given ones); compiles if ``compile``."""
+        fast_dori, _, tuned = self.prepare(
+            model, sampling, n_items, steps=dori.steps, lr=dori.lr, batch_size=dori.batch_size
+        )
+        dori = replace(dori, max_micro_batch=max(dori.max_micro_batch, fast_dori.max_micro_batch))
+        if tuned.batch_size > sampling.batch_size:
+            sampling = tuned
+        elif sampling.decode_batch_size is None:
+            sampling = replace(sampling, decode_batch_size=tuned.decode_batch_size)
+        return dori, sampling
+
     # ------------------------------------------------------------------ memory
     def available_bytes(self, device: torch.device) -> float:
         """Bytes a workload may bring the process to: min(budget, allocated now + free on the card)."""
@@ -231,32 +245,3 @@ def fast(model: T2IModel, **settings) -> FastPath:
     path = FastPath(**settings)
     path.apply(model)
     return path
-
-
-def add_fast_args(parser: argparse.ArgumentParser) -> None:
-    """``--fast``, ``--compile`` and ``--memory-budget-gib`` for commands that run searches or sampling."""
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="bf16 weights and flash attention on CUDA, batches sized from free memory",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="with --fast: torch.compile the UNet (about 3 min once; pays from about 140 prompts)",
-    )
-    parser.add_argument(
-        "--memory-budget-gib",
-        type=float,
-        default=32.0,
-        help="most GPU memory the fast path's batches may use (default 32, fits a 40 GB card)",
-    )
-
-
-def fast_path_from_args(args: argparse.Namespace, model: T2IModel) -> FastPath | None:
-    """Apply the fast path if ``--fast`` was given; return it (or None)."""
-    if not getattr(args, "fast", False):
-        return None
-    if getattr(args, "dtype", "fp32") not in ("fp32", "float32"):
-        raise DoriError("--fast chooses the dtype itself (bf16 on CUDA); drop --dtype")
-    return fast(model, memory_budget_gib=args.memory_budget_gib, compile=getattr(args, "compile", False))

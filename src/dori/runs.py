@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     config.json        the resolved settings of the command (written once; a different config is refused)
-    provenance.json    git hash, package versions, device, dtype, seeds, start time
+    provenance.json    git hash, package versions, command line (argv), device, dtype, seeds, start time
     results/<key>.json one file per finished unit of work (item x setting), written atomically
     artifacts/         tensors and images the report reads (embeddings, generations)
 
@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,7 @@ def provenance(extra: dict | None = None) -> dict:
         "host": platform.node(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(sys.argv),  # the command line that made the result
     }
     info.update(extra or {})
     return info

@@ -6,7 +6,7 @@ far apart would end up close together. The experiment, for one memorized image x
     K inits y^(0)_k ~ N(0, I)                     (Fig. 3)    or the embeddings of K non-memorized
                                                               prompts (Fig. 10)
     y_adv,k = Dori(x_mem, init y^(0)_k, seed k)   (50 steps; all K in ONE batched search)
-    check that each y_adv,k replicates x_mem      (generate, copy-detector similarity > threshold)
+    check that each y_adv,k replicates x_mem      (generate, copy-detector similarity >= threshold)
     t-SNE of {y^(0)_k} U {y_adv,k}                (Fig. 3, 10)
     pairwise L2 distances within {y^(0)_k} and within {y_adv,k}, and ||y^(0)_k - y_adv,k|| (Fig. 11)
 
@@ -26,6 +26,7 @@ import torch
 
 from dori.attacks.dori import Dori, DoriResult
 from dori.errors import DoriError
+from dori.metrics.replication import replicated
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,12 +140,12 @@ def replication_scores(
 def replication_summary(scores: torch.Tensor, threshold: float) -> dict:
     """Per embedding the best score and whether it passes ``threshold``; the share that replicates."""
     best = scores.max(dim=1).values
-    replicated = best > threshold
+    hits = replicated(best, threshold)
     return {
         "threshold": float(threshold),
         "best": best.tolist(),
-        "replicated": replicated.tolist(),
-        "rate": float(replicated.float().mean()),
+        "replicated": hits.tolist(),
+        "rate": float(hits.float().mean()),
     }
 
 

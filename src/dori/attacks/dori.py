@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from dori.attacks.base import AttackResult, Success
 from dori.errors import DoriError
 from dori.models.pipeline import T2IModel
 
@@ -60,7 +61,13 @@ class Dori:
         snapshot_steps: steps after which y_adv is recorded (e.g. (1, 10, 25, 50)).
         max_micro_batch: most UNet samples per forward pass (memory bound); gradients are accumulated.
         autocast_dtype: optional autocast dtype for the UNet (the fast path: torch.bfloat16 on GPU).
+        init: what :meth:`run` starts from: ``prompt`` (the paper's default), ``random`` or ``other`` (the
+            embedding of another prompt per target, see :func:`initial_embeddings`).
     """
+
+    name = "dori"
+    key = "dori"
+    label = "dori"
 
     steps: int = 50
     lr: float = 0.1
@@ -69,12 +76,54 @@ class Dori:
     snapshot_steps: Sequence[int] = ()
     max_micro_batch: int = 256
     autocast_dtype: torch.dtype | None = None
+    init: str = "prompt"
 
     def settings(self) -> dict:
         d = asdict(self)
         d["autocast_dtype"] = str(self.autocast_dtype) if self.autocast_dtype else None
         d["snapshot_steps"] = list(self.snapshot_steps)
         return d
+
+    # ------------------------------------------------------------------ the Attack interface
+    def row_steps(self, snapshots: Sequence[int]) -> list[int | None]:
+        """The snapshot steps below ``steps`` and the last step, ascending."""
+        return sorted({s for s in snapshots if 0 < s < self.steps} | {self.steps})
+
+    def recording(self, steps: Sequence[int | None]) -> Dori:
+        """A copy that keeps the embeddings after each of ``steps``."""
+        return replace(self, snapshot_steps=tuple(s for s in steps if s is not None))
+
+    def rowwise_items(self, max_items: int) -> int:
+        """Items per call such that all rows of a call fit one UNet batch (``max_micro_batch``)."""
+        return max(1, min(max_items, self.max_micro_batch // self.batch_size))
+
+    def row_ids(self, ids: Sequence[str]) -> list[str]:
+        """Item i fills ``batch_size`` consecutive rows of each UNet batch."""
+        return [i for i in ids for _ in range(self.batch_size)]
+
+    def run(
+        self,
+        model: T2IModel,
+        x0: torch.Tensor,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        init_prompts: Sequence[str] | None = None,
+        success: Success | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> AttackResult:
+        """Search from ``init`` (``init_prompts``: the other prompts for init ``other``); ``success`` is not
+        used (Dori always runs its ``steps``). Each item's artifact keeps its init and norm curve."""
+        if self.init == "other":
+            if init_prompts is None:
+                raise DoriError("init 'other' needs other prompts")
+            y0 = initial_embeddings(model, prompts, "other", other_prompts=init_prompts)
+        else:
+            y0 = initial_embeddings(model, prompts, self.init, seeds=seeds)
+        res = self(model, x0, y0, seeds, progress=progress)
+        norms = res.norms if res.norms is not None else torch.zeros(len(seeds), self.steps)
+        return AttackResult(
+            res.embeddings, res.losses, res.snapshots, tensors={"init": y0.float(), "norms": norms}
+        )
 
     def __call__(
         self,

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dori.attacks.base import AttackResult, Success
 from dori.errors import DoriError
 from dori.models.pipeline import T2IModel
 
@@ -77,6 +78,10 @@ class UnlearnDiffAtk:
         batch_size: noise draws per step (the reference uses 1).
     """
 
+    name = "unlearndiffatk"
+    key = "uda"
+    label = "UnlearnDiffAtk"
+
     k: int = 3
     lr: float = 0.01
     weight_decay: float = 0.1
@@ -86,6 +91,44 @@ class UnlearnDiffAtk:
 
     def settings(self) -> dict:
         return asdict(self)
+
+    # ------------------------------------------------------------------ the Attack interface
+    @property
+    def steps(self) -> int:
+        """Timestep stages (progress is reported per stage)."""
+        return self.timesteps
+
+    def row_steps(self, snapshots: Sequence[int]) -> list[int | None]:
+        return [None]
+
+    def recording(self, steps: Sequence[int | None]) -> UnlearnDiffAtk:
+        return self
+
+    def rowwise_items(self, max_items: int) -> None:
+        return None  # its text-encoder hook holds one prefix per item; per-item mitigations run item by item
+
+    def row_ids(self, ids: Sequence[str]) -> list[str]:
+        raise DoriError("UnlearnDiffAtk does not run with row-wise mitigations")
+
+    def run(
+        self,
+        model: T2IModel,
+        x0: torch.Tensor,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        init_prompts: Sequence[str] | None = None,
+        success: Success | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> AttackResult:
+        """The search of :meth:`__call__`; each item's record keeps its prompt and the stage it stopped at."""
+        res = self(model, x0, prompts, seeds, success=success, progress=progress)
+        stopped = res.stopped_at or [None] * len(prompts)
+        return AttackResult(
+            res.embeddings,
+            res.losses,
+            tensors={"token_ids": res.token_ids},
+            records=[{"prompt": p, "stopped_at": s} for p, s in zip(res.prompts, stopped, strict=True)],
+        )
 
     def schedule(self, model: T2IModel) -> list[int]:
         T = model.num_train_timesteps

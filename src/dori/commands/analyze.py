@@ -8,7 +8,6 @@ figures (``figures/fig*.png``), ``locality.json`` with every number, the per-fig
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from dori.errors import DoriError
 
@@ -53,62 +52,31 @@ def add_parser(sub) -> None:
 
 def make_scorer(model, args):
     """(scorer, threshold, name) of the copy detector, or (None, None, None) without a check."""
-    if not args.check:
-        return None, None, None
-    from dori.analysis.embedding_dispersion import copy_detector_scorer
-    from dori.metrics.backends import load_backends
+    from dori.locality_run import copy_check
 
-    backends = load_backends(model, sscd=args.sscd)
-    return copy_detector_scorer(backends.copy_detector), backends.threshold, backends.copy_detector.name
+    return copy_check(model, args.sscd) if args.check else (None, None, None)
 
 
 def make_mitigations(model, args) -> dict:
-    """NeMo and Wanda with their default (reference) settings; a method whose module is missing is None
-    (its agreement is then reported as skipped)."""
-    import importlib
+    """NeMo and Wanda with their default (reference) settings."""
+    from dori.locality_run import default_mitigations
 
-    out = {}
-    for name, cls_name in (("nemo", "NeMo"), ("wanda", "Wanda")):
-        try:
-            out[name] = getattr(importlib.import_module(f"dori.mitigations.{name}"), cls_name)()
-        except (ImportError, AttributeError):
-            out[name] = None
-    return out
-
-
-def _log(enabled: bool):
-    return (
-        (lambda msg: print(f"[analyze] {msg}", file=sys.stderr, flush=True))
-        if enabled
-        else (lambda msg: None)
-    )
+    return default_mitigations()
 
 
 def run(args) -> int:
-    from dori.analysis.locality import ANALYSES, LocalityConfig, run_locality
+    from dori.analysis.locality import LocalityConfig
     from dori.commands.common import load_model_from_args, write_json
     from dori.data.sets import load_set
+    from dori.locality_run import find_item, locality_to_folder
     from dori.models.pipeline import SamplingConfig
-    from dori.report.figures_locality import write_figures, write_html
-    from dori.report.locality_notes import locality_notes
-    from dori.runs import RunDir, atomic_write_text
 
     analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    bad = sorted(set(analyses) - set(ANALYSES))
-    if bad or not analyses:
-        raise DoriError(
-            f"--analyses takes a comma-separated subset of {', '.join(ANALYSES)}; got {args.analyses!r}"
-        )
     if args.k < 2 or args.steps < 1 or args.gens < 1:
         raise DoriError("need --k >= 2, --steps >= 1, --gens >= 1")
-    log = _log(args.progress)
     model = load_model_from_args(args)
-    items = load_set(args.set, model, images_dir=args.images)
-    item = _find_item(items, args.item, args.set)
-    nonmem_name = args.nonmem_set or ("unique" if model.info.get("world_dir") else "nonmem")
-    nonmem = [it.prompt for it in load_set(nonmem_name, model)]
-    mem = [it.prompt for it in items]
-    scorer, threshold, detector = make_scorer(model, args)
+    item = find_item(load_set(args.set, model, images_dir=args.images), args.item, args.set)
+    nonmem_name = args.nonmem_set or ("unique" if model.world is not None else "nonmem")
     cfg = LocalityConfig(
         k=args.k,
         steps=args.steps,
@@ -116,61 +84,23 @@ def run(args) -> int:
         generation_seeds=tuple(range(args.seed, args.seed + args.gens)),
         sampling=SamplingConfig(steps=args.sampling_steps, guidance=args.guidance),
     )
-    config = {
+    log = (lambda msg: print(f"[analyze] {msg}", file=sys.stderr, flush=True)) if args.progress else None
+    settings = {
         "command": "analyze locality",
         "model": args.model,
         "dtype": args.dtype,
-        "item": item.id,
         "set": args.set,
         "nonmem_set": nonmem_name,
-        "detector": detector,
-        **cfg.describe(),
     }
-    run_dir = RunDir(args.out, config, extra_provenance={"model_info": model.info})
-    mitigations = make_mitigations(model, args) if "agreement" in analyses else {}
-    results = run_locality(
-        model,
-        run_dir,
-        item,
-        nonmem,
-        mem,
-        cfg,
-        analyses,
-        scorer=scorer,
-        threshold=threshold,
-        nemo=mitigations.get("nemo"),
-        wanda=mitigations.get("wanda"),
-        log=log,
-    )
-    figures = write_figures(results, run_dir.path / "figures")
-    notes = locality_notes(results)
-    out = {
-        "config": run_dir.config,
-        "results": results,
-        "figures": {k: str(Path(v).relative_to(run_dir.path)) for k, v in figures.items()},
-        "notes": notes,
-        "provenance": run_dir.provenance,
-    }
-    import json
-
-    atomic_write_text(run_dir.path / "locality.json", json.dumps(out, indent=1, default=str))
+    out = locality_to_folder(
+        args.out, model, item, [it.prompt for it in load_set(nonmem_name, model)],
+        [it.prompt for it in load_set(args.set, model, images_dir=args.images)], cfg, analyses,
+        *make_scorer(model, args), mitigations=make_mitigations(model, args) if "agreement" in analyses else {},
+        settings=settings,
+        title=f"Locality of item {item.id} on {args.model}", log=log or (lambda msg: None),
+    )  # fmt: skip
     write_json(args.json, out)
-    write_html(run_dir.path, out["figures"], notes, f"Locality of item {item.id} on {args.model}")
-    for fig, note in notes.items():
+    for fig, note in out["notes"].items():
         print(f"{fig}: {note}\n")
-    print(f"figures and locality.json in {run_dir.path}")
+    print(f"figures and locality.json in {args.out}")
     return 0
-
-
-def _find_item(items, item_id: str | None, set_name: str):
-    if item_id is None:
-        for it in items:
-            if it.image is not None:
-                return it
-        raise DoriError(f"no item of set {set_name!r} has a training image")
-    for it in items:
-        if it.id == item_id:
-            if it.image is None:
-                raise DoriError(f"item {item_id} has no training image ({it.skip_reason})")
-            return it
-    raise DoriError(f"no item {item_id!r} in set {set_name!r}")

@@ -7,13 +7,17 @@ to ``--json``). Resumable: run the same command again to continue an interrupted
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 from dori import distributed
-from dori.commands.common import add_model_args, add_run_args, load_model_from_args, write_json
+from dori.commands.common import (
+    add_fast_args,
+    add_model_args,
+    add_run_args,
+    fast_path_from_args,
+    load_model_from_args,
+    write_json,
+)
 from dori.errors import DoriError
-from dori.fast import add_fast_args, fast_path_from_args
 
 
 def add_parser(sub) -> None:
@@ -91,64 +95,36 @@ def _init(spec: str, model, n: int) -> tuple[str, list[str] | None]:
     raise DoriError(f"unknown --init {spec!r}: use prompt, random or prompt-of:SET")
 
 
-def _window(items: list, skip: int, limit: int | None) -> list:
-    """items[skip : skip + limit], refusing a window that leaves nothing."""
-    if skip < 0:
-        raise DoriError(f"--skip / --utility-skip must be >= 0, got {skip}")
-    out = items[skip : skip + limit] if limit else items[skip:]
-    if not out:
-        raise DoriError(f"no items left: the set has {len(items)}, skipping {skip}")
-    return out
+def _attack(args, init: str, model, n_items: int, config):
+    """The attack object of ``--attack`` (None for ``none``); on the fast path Dori's batches are tuned."""
+    from dori.attacks.dori import Dori
+    from dori.attacks.unlearndiffatk import UnlearnDiffAtk
 
-
-def _utility(args, model):
-    if args.utility_set is None:
-        return None
-    from dori.audit import Utility
-    from dori.data.images import EXTENSIONS
-    from dori.data.sets import load_image_file, load_set
-
-    items = _window(load_set(args.utility_set, model), args.utility_skip, args.n_utility)
-    if args.reference_images:
-        folder = Path(args.reference_images)
-        if not folder.is_dir():
-            raise DoriError(f"--reference-images folder {folder} does not exist")
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in EXTENSIONS)
-        if len(files) < 2:
-            raise DoriError(f"--reference-images {folder} holds fewer than two images")
-
-        def reference():
-            return [load_image_file(f) for f in files]
-    else:
-
-        def reference():
-            images = [it.image for it in items if it.image is not None]
-            if len(images) < 2:
-                raise DoriError(
-                    f"utility set {args.utility_set!r} has no reference images: pass --reference-images DIR"
-                )
-            return images
-
-    return Utility(args.utility_set, [it.prompt for it in items], reference)
+    if args.norm_ball is not None and args.norm_ball <= 0:
+        raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
+    dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch, norm_ball=args.norm_ball, init=init)
+    fast = fast_path_from_args(args, model)
+    if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
+        dori, config.sampling = fast.tune_audit(model, config.sampling, dori, n_items)
+    if args.attack == "dori":
+        return dori
+    if args.attack == "unlearndiffatk":
+        return UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations)
+    return None
 
 
 def run(args) -> int:
-    from dori.attacks.dori import Dori
-    from dori.attacks.unlearndiffatk import UnlearnDiffAtk
-    from dori.audit import run_audit
+    from dori.audit_run import audit_to_folder, utility_set, window
     from dori.data.sets import load_set
     from dori.evaluation import EvalConfig
     from dori.metrics.backends import load_backends
+    from dori.mitigations import load_mitigation
     from dori.models.pipeline import SamplingConfig
-    from dori.report.html import build_report
     from dori.report.tables import format_table
-    from dori.runs import RunDir
 
     snapshots = _snapshots(args.snapshots)
     model = load_model_from_args(args)
-    items = _window(
-        load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit
-    )
+    items = window(load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit)
     init, other = _init(args.init, model, len(items))
     backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
     config = EvalConfig(
@@ -156,60 +132,24 @@ def run(args) -> int:
         sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.batch_size),
         seed=args.seed,
     )
-    if args.norm_ball is not None and args.norm_ball <= 0:
-        raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
-    dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch, norm_ball=args.norm_ball)
-    fast = fast_path_from_args(args, model)
-    if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
-        fast_dori, _, sampling = fast.prepare(  # probes the batch sizes, then compiles if --compile
-            model, config.sampling, len(items), steps=args.steps, lr=args.lr, batch_size=args.dori_batch
+    mitigation = None if args.mitigation == "none" else load_mitigation(args.mitigation)
+    attack = _attack(args, init, model, len(items), config)
+    utility = None
+    if args.utility_set is not None:
+        utility = utility_set(
+            args.utility_set, model, args.n_utility, args.utility_skip, args.reference_images
         )
-        dori.max_micro_batch = max(dori.max_micro_batch, fast_dori.max_micro_batch)
-        if sampling.batch_size > config.sampling.batch_size:
-            config.sampling = sampling
-        elif config.sampling.decode_batch_size is None:
-            config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
-        run_dir = RunDir(
-            args.out,
-            settings,
-            extra_provenance={
-                "command": "audit",
-                "model": model.name,
-                "model_info": model.info,
-                "device": str(model.device),
-                "dtype": str(model.dtype),
-                "seed": args.seed,
-                "backends": backends.describe(),
-                "protocol": config.describe(),
-            },
-        )
-    result = run_audit(
-        model,
-        items,
-        args.set,
-        backends,
-        run_dir,
-        config,
-        mitigation=args.mitigation,
-        attack=args.attack,
-        dori=dori,
-        init=init,
-        other_prompts=other,
-        snapshots=snapshots,
-        utility=_utility(args, model),
+    result = audit_to_folder(
+        args.out, model, items, args.set, backends, config, mitigation=mitigation, attack=attack,
+        snapshots=snapshots, utility=utility, init_prompts=other,
+        settings={k: v for k, v in vars(args).items() if k != "func"}, model_label=args.model,
         progress=args.progress,
-        uda=UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations),
-    )
+    )  # fmt: skip
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return 0
-    out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
-    write_json(str(run_dir.path / "audit.json"), out)
-    write_json(args.json, out)
+    write_json(args.json, result)
     print(format_table(result["rows"]))
     if result["skipped"]:
         print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
-    report = build_report(run_dir.path)
-    print(f"report: {report}", file=sys.stderr)
+    print(f"report: {args.out}/report.html", file=sys.stderr)
     return 0

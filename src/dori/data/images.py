@@ -11,8 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from dori.data.sets import Item, load_image_file
+from dori.data.items import Item, load_image_file
 from dori.errors import DoriError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -82,3 +83,13 @@ class ImageStore:
         final = target.with_suffix(".png")
         tmp.replace(final)
         return final
+
+
+def resize_to(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] resized (bicubic, antialiased) to size x size, if needed."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    out = F.interpolate(
+        image[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
+    return out[0].clamp(0, 1)

@@ -18,59 +18,18 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from dori.data.items import Item, load_image_file
 from dori.errors import DoriError
+from dori.world import world_of
+
+__all__ = ["Item", "load_image_file", "load_set", "sd_set", "user_set"]
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 SD_SETS = ("vm", "tm", "memorized", "nonmem", "coco", "sd2", "nomem500")
-
-
-@dataclass
-class Item:
-    """One example: ``id``, ``prompt``, ``kind`` and (lazily) its training image in [0, 1]."""
-
-    id: str
-    prompt: str
-    kind: str = "user"
-    image_ref: str | None = None
-    meta: dict = field(default_factory=dict)
-    _image: torch.Tensor | None = field(default=None, repr=False)
-    _loader: Callable[[Item], torch.Tensor] | None = field(default=None, repr=False)
-    skip_reason: str | None = None
-
-    @property
-    def image(self) -> torch.Tensor | None:
-        """The training image (3, H, W) float in [0, 1], or None (see ``skip_reason``)."""
-        if self._image is None and self._loader is not None and self.skip_reason is None:
-            try:
-                self._image = self._loader(self)
-            except DoriError as err:
-                self.skip_reason = str(err)
-        return self._image
-
-    def with_image(self, image: torch.Tensor) -> Item:
-        self._image = image
-        return self
-
-
-def load_image_file(path: str | Path, size: int | None = None) -> torch.Tensor:
-    """Read an image file as (3, H, W) float in [0, 1], optionally resized (bicubic) to size x size."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        raise DoriError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def _read_nemo_csv(name: str) -> list[dict]:
@@ -192,11 +151,9 @@ def load_set(
 ) -> list[Item]:
     """Resolve a set name for a model: the model's own world sets first, then SD sets, then a file."""
     items: list[Item] | None = None
-    world = getattr(model, "info", {}).get("world_dir") if model is not None else None
+    world = world_of(model)
     if world is not None:
-        from dori.data.world_sets import world_set
-
-        items = world_set(Path(world), name)
+        items = world.items(name)
     if items is None:
         if name in SD_SETS:
             size = getattr(model, "image_size", 512) if model is not None else 512

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dori.data.sets import Item
+from dori.data.items import Item
 from dori.errors import DoriError
 
 WORLD_SETS = ("vm", "tm", "unique", "heldout")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from dori.errors import DoriError
 from dori.metrics.features import Backends
+from dori.world import world_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,7 +193,7 @@ def load_backends(
 ) -> Backends:
     """The feature models one evaluation uses.
 
-    For a miniworld model (``model.info["world_dir"]``) with no file given, the world's trained stand-ins
+    For a miniworld model (``model.world``) with no file given, the world's trained stand-ins
     (:func:`dori.miniworld.standins.load_standins`). Otherwise SSCD is required; CLIP and Inception are
     loaded when given (A_CLIP and FID/KID are then reported, else left out).
 
@@ -203,12 +204,10 @@ def load_backends(
         inception: clean-fid Inception TorchScript file (or a folder holding it).
         device: where the feature models run (default: the model's device).
     """
-    world = getattr(model, "info", {}).get("world_dir")
+    world = world_of(model)
     device = device if device is not None else getattr(model, "device", "cpu")
     if world is not None and sscd is None and clip is None and inception is None:
-        from dori.miniworld.standins import load_standins
-
-        return load_standins(Path(world), device=device)
+        return world.backends(device)
     return Backends(
         copy_detector=SSCD(sscd, device),
         threshold=SSCD_THRESHOLD,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dori.errors import DoriError
+from dori.metrics.replication import replication_rate
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,7 @@ def a_clip(image_features: torch.Tensor, text_features: torch.Tensor) -> dict[st
 @register_metric("mr", higher_is_better=False, label="MR")
 def memorization_rate(item_max_scores: Sequence[float], threshold: float) -> float:
     """Share of items with at least one generation at or above the replication threshold."""
-    arr = np.asarray(item_max_scores, dtype=np.float64)
-    if not arr.size:
-        return float("nan")
-    return float((arr >= threshold).mean())
+    return replication_rate(item_max_scores, threshold)
 
 
 # -------------------------------------------------------------------------------------- across image sets

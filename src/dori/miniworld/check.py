@@ -15,19 +15,9 @@ import numpy as np
 import torch
 
 from dori.metrics.features import Backends
+from dori.metrics.functions import fid
+from dori.metrics.replication import replication_rate
 from dori.models.pipeline import SamplingConfig, T2IModel
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """FID between two feature sets (N, D): ||mu_a - mu_b||^2 + tr(Sa + Sb - 2 (Sa Sb)^(1/2))."""
-    a64, b64 = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a64.mean(0), b64.mean(0)
-    sa, sb = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    # tr (Sa Sb)^(1/2) = sum of sqrt eigenvalues of Sa^(1/2) Sb Sa^(1/2) (symmetric PSD: stable)
-    w, v = np.linalg.eigh(sa)
-    half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(half @ sb @ half), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_covmean)
 
 
 def generate_set(
@@ -49,7 +39,7 @@ def replication(backends: Backends, items, gens: torch.Tensor) -> dict:
     best = sims.max(1).values
     return {
         "n_items": n,
-        "mr": float((best >= backends.threshold).float().mean()),
+        "mr": replication_rate(best, backends.threshold),
         "best_sim_mean": float(best.mean()),
         "median_sim_mean": float(sims.median(1).values.mean()),
         "per_item_best": [round(float(x), 4) for x in best],
@@ -85,7 +75,7 @@ def check_world(
             res["a_clip_ratio"] = res["a_clip_generated"] / res["a_clip_real"]
         if name == "heldout" and backends.features is not None:
             real_f = backends.features(torch.stack([it.image for it in items]))
-            res["fid"] = frechet_distance(backends.features(gens[:, 0]), real_f)
+            res["fid"] = fid(backends.features(gens[:, 0]), real_f)
             res["fid_note"] = (
                 "first generation of each heldout prompt vs the heldout images, feature-model space"
             )

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dori.metrics.replication import replicated
+
 Log = Callable[[str], None]
 
 
@@ -275,9 +277,9 @@ def calibrate(model, images, images_rt, sib_src, sib, seed: int) -> dict:
         "replicas": stats(replicas),
         "same_caption": stats(same),
         "unrelated": stats(unrelated),
-        "replica_recall": float((replicas >= threshold).mean()),
-        "same_caption_false_positive": float((same >= threshold).mean()),
-        "unrelated_false_positive": float((unrelated >= threshold).mean()),
+        "replica_recall": float(replicated(replicas, threshold).mean()),
+        "same_caption_false_positive": float(replicated(same, threshold).mean()),
+        "unrelated_false_positive": float(replicated(unrelated, threshold).mean()),
         "scores": {
             "replicas": replicas.tolist(),
             "same_caption": same.tolist(),

@@ -47,10 +47,15 @@ class NoMitigation:
     """The identity mitigation (spec ``none``)."""
 
     name = "none"
+    source = ""
     per_item = False
 
     @contextlib.contextmanager
     def applied(self, model: Any, item_ids: Sequence[str] | None = None) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def applied_rows(self, model: Any, row_ids: Sequence[str]) -> Iterator[None]:
         yield
 
     def __repr__(self) -> str:
@@ -86,7 +91,9 @@ def load_mitigation(spec: str) -> Any:
         raise DoriError(
             f"mitigation folder {path} does not exist (make it with: dori mitigate {name} --out {path})"
         )
-    return MITIGATIONS[name].load(path)
+    fitted = MITIGATIONS[name].load(path)
+    fitted.source = folder
+    return fitted
 
 
 __all__ = ["MITIGATIONS", "NoMitigation", "available_mitigations", "load_mitigation", "register_mitigation"]

@@ -46,6 +46,7 @@ import torch
 from dori.attacks.dori import Dori, initial_embeddings
 from dori.data.sets import Item
 from dori.errors import DoriError
+from dori.metrics.replication import replication_rate
 from dori.mitigations import lora as lora_mod
 from dori.mitigations.checkpoints import LossLog, check_config, resume, save_checkpoint
 from dori.mitigations.surrogates import Similarity, SurrogateSet
@@ -329,7 +330,7 @@ class AdversarialFineTuning:
             ft.unet.train(was_training)
         refs = torch.stack([it.image for it in items]).repeat_interleave(g, dim=0)
         best = similarity(images, refs).float().view(len(items), g).amax(dim=1)
-        return float((best >= threshold).float().mean())
+        return replication_rate(best, threshold)
 
     def _epoch_updates(
         self,

@@ -52,7 +52,7 @@ from dori.mitigations.nemo_noise import (
     merge_blockings,
     noise_differences,
 )
-from dori.mitigations.nemo_result import NeMoItem, NeMoResult, iterative_nemo
+from dori.mitigations.nemo_result import NeMoItem, NeMoResult
 from dori.models.layers import get_module, value_layers
 from dori.models.pipeline import T2IModel
 
@@ -74,7 +74,7 @@ VARIANTS = {
 # in-memory cache: (fingerprint, settings, prompts) -> calibration
 _CALIBRATIONS: dict[tuple, Calibration] = {}
 
-__all__ = ["VARIANTS", "NeMo", "NeMoItem", "NeMoResult", "iterative_nemo"]
+__all__ = ["VARIANTS", "NeMo", "NeMoItem", "NeMoResult"]
 
 
 @dataclass

@@ -32,6 +32,7 @@ from dori.metrics.ssim import MSSSIMSettings, pairwise_ms_ssim, upper_pairs
 from dori.mitigations.nemo_noise import NoiseSettings, initial_latents, noise_differences
 from dori.models.layers import get_module, value_layers
 from dori.models.pipeline import T2IModel
+from dori.world import world_of
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 SD14_STATISTICS = PROMPT_DIR / "statistics_additional_laion_prompts_v1_4.json"
@@ -213,10 +214,9 @@ def laion_holdout_prompts() -> list[str]:
 
 def default_calibration_prompts(model: T2IModel) -> tuple[str, list[str]]:
     """(name, prompts): the model's world ``heldout`` set if it has one, else the LAION hold-out sample."""
-    if getattr(model, "info", {}).get("world_dir") is not None:
-        from dori.data.sets import load_set
-
-        return "heldout", [it.prompt for it in load_set("heldout", model=model)]
+    world = world_of(model)
+    if world is not None:
+        return world.calibration_prompts()
     return "laion-holdout-500", laion_holdout_prompts()
 
 
@@ -266,9 +266,9 @@ def calibrate(
     path = cache / f"calibration-{fp}-{key}.safetensors"
     if path.exists():
         return Calibration.load(path)
-    world = getattr(model, "info", {}).get("world_dir")
-    shipped = Path(world) / "nemo" / path.name if world is not None else None
-    if shipped is not None and shipped.exists():  # a world may carry its calibration (the shipped one does)
+    world = world_of(model)
+    shipped = world.shipped_calibration(path.name) if world is not None else None
+    if shipped is not None:  # a world may carry its calibration (the shipped one does)
         calib = Calibration.load(shipped)
         calib.info = {
             **calib.info,

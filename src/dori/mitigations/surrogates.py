@@ -30,28 +30,13 @@ from PIL import Image
 from dori import distributed
 from dori.data.sets import Item, load_image_file
 from dori.errors import DoriError
+from dori.metrics.replication import Similarity, replicated
 from dori.models.pipeline import SamplingConfig, T2IModel
 from dori.runs import atomic_write_text, safe_key
-
-Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``similarity(generated, reference) -> (B,)``: images (B, 3, H, W) in [0, 1] against references of the same
-shape (or one reference, broadcast); higher means more alike (a copy detector's cosine)."""
 
 MitigationContext = Callable[[T2IModel, Sequence[str]], contextlib.AbstractContextManager]
 """``mitigation(model, item_ids)``: a context manager that applies an inference-time mitigation for those
 items and undoes it on exit (``AppliedMitigation.applied``)."""
-
-
-def embedder_similarity(embedder: Callable[[torch.Tensor], torch.Tensor]) -> Similarity:
-    """A :data:`Similarity` from an image embedder (the copy-detector role): cosine of the descriptors."""
-
-    @torch.no_grad()
-    def similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        a = torch.nn.functional.normalize(embedder(generated).float(), dim=-1)
-        b = torch.nn.functional.normalize(embedder(reference).float(), dim=-1)
-        return (a * b.to(a.device)).sum(-1).cpu()
-
-    return similarity
 
 
 @dataclass
@@ -198,7 +183,7 @@ def generate_surrogates(
                 imgs = model.generate([it.prompt] * per_item, seeds, config)
             s = similarity(imgs, it.image.unsqueeze(0).expand_as(imgs)).float().cpu()
             for img, v in zip(imgs, s.tolist(), strict=True):
-                if v < threshold and len(kept) < per_item:
+                if not replicated(v, threshold) and len(kept) < per_item:
                     kept.append(img.cpu())
                     sims.append(float(v))
             if len(kept) >= per_item:
@@ -259,14 +244,18 @@ def utility_memorization(
         "max": {it.id: float(v) for it, v in zip(items, best, strict=True)},
         "mean": float(sims.mean()),
         "std": float(sims.std()) if sims.numel() > 1 else 0.0,
-        "n_above": int((best >= threshold).sum()),
+        "n_above": int(replicated(best, threshold).sum()),
     }
 
 
 def compare_utility_memorization(before: dict, after: dict) -> dict:
     """Items memorized after fine-tuning that were not before (the I.7 check fails if this is non-empty)."""
     thr = after["threshold"]
-    new = sorted(k for k, v in after["max"].items() if v >= thr and before["max"].get(k, 0.0) < thr)
+    new = sorted(
+        k
+        for k, v in after["max"].items()
+        if replicated(v, thr) and not replicated(before["max"].get(k, 0.0), thr)
+    )
     return {
         "before": {k: before[k] for k in ("mean", "std", "n_above")},
         "after": {k: after[k] for k in ("mean", "std", "n_above")},

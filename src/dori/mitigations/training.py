@@ -151,9 +151,9 @@ def save_finetuned(
     folder = Path(folder)
     check_not_source(folder, model_sources(model))  # the copy carries its source's name and world folder
     save_model(model, folder)
-    world = model.info.get("world_dir")
-    if world and Path(world).resolve() != folder.resolve():
-        for entry in Path(world).iterdir():
+    world = model.world.folder if model.world is not None else None
+    if world and world.resolve() != folder.resolve():
+        for entry in world.iterdir():
             dest = folder / entry.name
             if entry.name in _MODEL_ENTRIES or dest.exists() or entry.name.startswith("."):
                 continue

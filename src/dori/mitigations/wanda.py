@@ -262,6 +262,7 @@ class WandaResult:
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     name: str = "wanda"
+    source: str = ""
 
     @property
     def per_item(self) -> bool:

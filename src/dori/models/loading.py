@@ -17,6 +17,7 @@ import torch
 
 from dori.errors import DoriError
 from dori.models.pipeline import T2IModel
+from dori.world import World
 
 KNOWN_HUB_IDS = (
     "CompVis/stable-diffusion-v1-4",
@@ -187,10 +188,8 @@ def load_folder(folder: Path, allow_pickle: bool = False, name: str | None = Non
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe("vae")) if has_vae else None
     except (OSError, ValueError) as err:
         raise DoriError(f"could not load the model in {folder}: {err}") from err
-    info = {}
-    if (folder / "dori_world.json").exists():
-        info = json.loads((folder / "dori_world.json").read_text())
-        info["world_dir"] = str(folder.resolve())
+    world = World.find(folder)
+    info = dict(world.info) if world is not None else {}
     return T2IModel(
         unet=unet,
         text_encoder=text,
@@ -199,6 +198,7 @@ def load_folder(folder: Path, allow_pickle: bool = False, name: str | None = Non
         vae=vae,
         name=name or str(folder),
         info=info,
+        world=world,
     )
 
 

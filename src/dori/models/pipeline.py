@@ -24,6 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from dori.errors import DoriError
+from dori.world import World
 
 
 @dataclass
@@ -48,6 +49,7 @@ class T2IModel:
         vae: a ``diffusers.AutoencoderKL`` or ``None`` for a pixel-space model.
         name: where the model came from (hub id, folder, built-in name).
         info: free-form facts about the model (world metadata, thresholds), recorded in provenance.
+        world: the miniworld the model was trained on (:class:`dori.world.World`), or None.
     """
 
     unet: torch.nn.Module
@@ -57,6 +59,7 @@ class T2IModel:
     vae: torch.nn.Module | None = None
     name: str = "unnamed"
     info: dict = field(default_factory=dict)
+    world: World | None = None
     _null: torch.Tensor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ basics

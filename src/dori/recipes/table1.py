@@ -10,7 +10,7 @@ Rows (settings named as in the audit schema):
     wanda        Wanda (1% sparsity, masks per prompt), original prompts
     wanda+dori   Wanda + Dori
 
-Steps, linear: fit NeMo and Wanda on the memorized set (``dori mitigate``, resumable folders), run three
+Steps, linear: fit NeMo and Wanda on the memorized set (:mod:`dori.fitting`, resumable folders), run three
 audits into one run directory (they share the unmitigated generations), rename the rows, attach the
 paper's numbers, write ``table1.json`` (audit schema), ``TABLE1.md`` and the HTML report. FID/KID are
 computed on the utility set with each mitigation applied for all items at once (as the paper, App. H.1).
@@ -24,7 +24,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dori.cli import main as dori_cli
+from dori.attacks.dori import Dori
+from dori.audit_run import audit_to_folder, utility_set, window
+from dori.data.sets import load_set
+from dori.evaluation import EvalConfig
+from dori.fitting import fit_nemo, fit_wanda
+from dori.metrics.backends import load_backends
+from dori.mitigations import load_mitigation
+from dori.mitigations.nemo import NeMo
+from dori.mitigations.wanda import Wanda
+from dori.models.devices import open_model
+from dori.models.pipeline import SamplingConfig
 
 # Table 1 of the paper (SD v1.4, 112 VM prompts): SSCD_orig, SSCD_gen, A_CLIP as median ± MAD; MR; FID.
 PAPER_TABLE1 = {
@@ -93,23 +103,8 @@ class Table1Config:
     progress: bool = True
 
 
-def _cli(args: list[str]) -> None:
-    code = dori_cli(args)
-    if code != 0:
-        raise SystemExit(code)
-
-
-def _common(cfg: Table1Config) -> list[str]:
-    out = ["--model", cfg.model, "--dtype", cfg.dtype]
-    if cfg.device:
-        out += ["--device", cfg.device]
-    if not cfg.progress:
-        out += ["--no-progress"]
-    return out
-
-
-def _limit(cfg: Table1Config) -> list[str]:
-    return ["--limit", str(cfg.limit)] if cfg.limit else []
+def _model(cfg: Table1Config):
+    return open_model(cfg.model, cfg.device, cfg.dtype)
 
 
 def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
@@ -117,61 +112,53 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
     cfg = cfg or Table1Config()
     out = Path(out)
     timings: dict[str, float] = {}
-
-    def timed(name: str, args: list[str]) -> None:
-        t0 = time.perf_counter()
-        _cli(args)
-        timings[name] = round(time.perf_counter() - t0, 1)
-
-    timed(
-        "fit_nemo",
-        ["mitigate", "nemo", *_common(cfg), "--set", cfg.mem_set, *_limit(cfg), "--out", str(out / "nemo")],
+    fit_config = {"model": cfg.model, "set": cfg.mem_set, "limit": cfg.limit, "dtype": cfg.dtype}
+    t0 = time.perf_counter()
+    model = _model(cfg)
+    mem = load_set(cfg.mem_set, model=model, limit=cfg.limit)
+    fit_nemo(
+        model,
+        mem,
+        out / "nemo",
+        NeMo(seed=1),
+        run_config={"method": "nemo", **fit_config},
+        progress=cfg.progress,
     )
-    timed(
-        "fit_wanda",
-        [
-            "mitigate",
-            "wanda",
-            *_common(cfg),
-            "--set",
-            cfg.mem_set,
-            *_limit(cfg),
-            "--sparsity",
-            str(cfg.wanda_sparsity),
-            "--group",
-            cfg.wanda_group,
-            "--out",
-            str(out / "wanda"),
-        ],
+    timings["fit_nemo"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    model = _model(cfg)
+    mem = load_set(cfg.mem_set, model=model, limit=cfg.limit)
+    wanda = Wanda(sparsity=cfg.wanda_sparsity, seed=0)
+    fit_wanda(
+        model, mem, out / "wanda", wanda, cfg.wanda_group, {"method": "wanda", **fit_config}, cfg.progress
     )
-    audit = [
-        *_common(cfg),
-        "--attack",
-        "dori",
-        "--steps",
-        str(cfg.dori_steps),
-        "--snapshots",
-        cfg.snapshots,
-        "--n-gens",
-        str(cfg.n_gens),
-        "--seed",
-        str(cfg.seed),
-        *_limit(cfg),
-        "--batch-size",
-        str(cfg.batch_size),
-        *(["--fast"] if cfg.fast else []),
-    ]
-    utility = ["--utility-set", cfg.utility_set, "--n-utility", str(cfg.n_utility)]
-    nonmem_limit = [] if cfg.limit else ["--limit", str(cfg.nonmem_limit)]
+    timings["fit_wanda"] = round(time.perf_counter() - t0, 1)
     parts = {
-        "nemo": ["audit", *audit, "--set", cfg.mem_set, "--mitigation", f"nemo:{out / 'nemo'}", *utility],
-        "wanda": ["audit", *audit, "--set", cfg.mem_set, "--mitigation", f"wanda:{out / 'wanda'}", *utility],
-        "nonmem": ["audit", *audit, "--set", cfg.nonmem_set, *nonmem_limit],
+        "nemo": (cfg.mem_set, f"nemo:{out / 'nemo'}", cfg.limit),
+        "wanda": (cfg.mem_set, f"wanda:{out / 'wanda'}", cfg.limit),
+        "nonmem": (cfg.nonmem_set, "none", cfg.limit or cfg.nonmem_limit),
     }
     results = {}
-    for name, args in parts.items():
-        timed(f"audit_{name}", [*args, "--out", str(out / f"audit-{name}")])
-        results[name] = json.loads((out / f"audit-{name}" / "audit.json").read_text())
+    for name, (set_name, mitigation, limit) in parts.items():
+        t0 = time.perf_counter()
+        model = _model(cfg)
+        items = window(load_set(set_name, model), 0, limit)
+        config = EvalConfig(
+            n_gens=cfg.n_gens, sampling=SamplingConfig(batch_size=cfg.batch_size), seed=cfg.seed
+        )
+        attack = Dori(steps=cfg.dori_steps)
+        if cfg.fast:
+            from dori.fast import fast
+
+            attack, config.sampling = fast(model).tune_audit(model, config.sampling, attack, len(items))
+        results[name] = audit_to_folder(
+            out / f"audit-{name}", model, items, set_name, load_backends(model), config,
+            mitigation=None if mitigation == "none" else load_mitigation(mitigation), attack=attack,
+            snapshots=_snapshots(cfg.snapshots),
+            utility=utility_set(cfg.utility_set, model, cfg.n_utility) if mitigation != "none" else None,
+            model_label=cfg.model, progress=cfg.progress,
+        )  # fmt: skip
+        timings[f"audit_{name}"] = round(time.perf_counter() - t0, 1)
     rows = collect_rows(results, cfg.dori_steps)
     table = {
         "recipe": "table1",
@@ -185,6 +172,10 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
     (out / "table1.json").write_text(json.dumps(table, indent=2, default=str))
     (out / "TABLE1.md").write_text(markdown(table))
     return table
+
+
+def _snapshots(text: str) -> tuple[int, ...]:
+    return tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
 
 
 def collect_rows(results: dict[str, dict], steps: int) -> dict[str, dict]:

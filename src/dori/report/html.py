@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from dori.errors import DoriError
+from dori.metrics.replication import replicated
 from dori.report.tables import table_html
 from dori.runs import atomic_write_text, load_tensors, safe_key
 
@@ -158,7 +159,7 @@ def _gens_html(run: Path, record: dict, threshold: float | None) -> str:
     images = load_tensors(path)["images"]
     figs = []
     for k, (img, score) in enumerate(zip(images, record["sscd_orig"]["scores"], strict=True)):
-        hit = threshold is not None and score >= threshold
+        hit = threshold is not None and replicated(score, threshold)
         cls = ' class="hit"' if hit else ""
         figs.append(
             f"<figure{cls}>{_img(png_data_uri(img), f'generation {k}')}"

@@ -1,14 +1,15 @@
 """Finding Dori, Tables 3 and 5 (Section 4.4, Appendix G.2, I.5, I.7): adversarial fine-tuning against ESD,
 Concept Ablation, SISS and the LoRA variant, audited with Dori, on a world.
 
-Command (from the repository root)::
+Command that reproduces the committed result (``docs/results/tables3-5.md``; world v2, one H200)::
 
-    . .venv/bin/activate && python experiments/table5_adversarial_ft.py
+    python experiments/tables3_5_finetuning.py --device cuda --out runs/gpu/table5 --limit 16 --epochs 5 \
+        --n-utility 200 --n-heldout 50
 
 Stages, each resumable (run the command again after a kill; finished work is skipped):
 
-1. NeMo fitted on SET: the mitigation the surrogate images are generated under (``dori mitigate nemo``).
-2. Adversarial fine-tuning, EPOCHS epochs, surrogates under NeMo (``dori finetune adversarial``), with the
+1. NeMo fitted on SET: the mitigation the surrogate images are generated under (:func:`dori.fitting.fit_nemo`).
+2. Adversarial fine-tuning, EPOCHS epochs, surrogates under NeMo (:class:`AdversarialFineTuning`), with the
    Appendix I.7 check on CHECK_UTILITY utility pairs; then the LoRA variant on the same surrogates.
 3. The baselines: ESD-x, Concept Ablation (anchors from the world's caption grammar), SISS per item
    (keep set = the same surrogates, forget set = the training image).
@@ -36,11 +37,19 @@ import time
 from pathlib import Path
 
 from dori.attacks.dori import Dori
-from dori.audit import run_dori
-from dori.cli import main
+from dori.audit import run_attack
 from dori.data.sets import load_set
 from dori.evaluation import EvalConfig, Setting, evaluate_items, summarize, utility_scores
+from dori.fitting import fit_nemo
 from dori.metrics.backends import load_backends
+from dori.metrics.replication import copy_similarity
+from dori.mitigations import load_mitigation
+from dori.mitigations.adversarial_ft import AdversarialFineTuning
+from dori.mitigations.concept_ablation import ConceptAblation, miniworld_anchors
+from dori.mitigations.esd import ESD
+from dori.mitigations.nemo import NeMo
+from dori.mitigations.siss import SISS
+from dori.mitigations.surrogate_policy import SurrogatePolicy, utility_memorization_check
 from dori.models.loading import load_model
 from dori.models.pipeline import SamplingConfig
 from dori.report.tables import format_table
@@ -57,17 +66,16 @@ N_UTILITY = 500
 N_HELDOUT = 100  # heldout items for the A_CLIP rows
 SEED = 0
 OUT = Path("runs/table5-miniworld")
-EXTRA: list[str] = []  # e.g. ["--device", "cuda"]
-NEMO: list[str] = []  # extra `dori mitigate nemo` options
-SURROGATES = ["--surrogates-per-item", "4", "--sample-steps", "50", "--guidance", "7"]
+NEMO: dict = {}  # NeMo settings (default: the reference's)
+SURROGATES = {"per_item": 4, "sample_steps": 50, "guidance": 7.0}  # SurrogatePolicy
 # adversarial fine-tuning (lr, batches and embeddings per item are chosen on the miniworld: docs/adversarial_ft.md)
 EPOCHS = 12
-LR = "4e-5"
-ADV = [
-    *("--noise-draws", "8", "--utility-batch", "64", "--utility-weight", "10"),
-    *("--steps-per-embedding", "3", "--embeddings-per-item", "1", "--dori-steps", "50"),
-]
-LORA = ["--lora-rank", "128"]  # add "--lora-convs" for the paper's second LoRA variant
+LR = 4e-5
+ADV = {
+    **{"noise_draws": 8, "utility_batch": 64, "utility_weight": 10.0},
+    **{"steps_per_embedding": 3, "embeddings_per_item": 1, "dori_steps": 50},
+}
+LORA = {"lora_rank": 128}  # add "lora_convs": True for the paper's second LoRA variant
 CHECK_UTILITY = 100  # Appendix I.7: utility pairs checked for new memorization
 _cli = argparse.ArgumentParser(description="Tables 3 and 5 of Finding Dori on a world (resumable)")
 _cli.add_argument("--model", default=MODEL)
@@ -92,7 +100,9 @@ _cli.add_argument(
     help="another model (App. I.1) that makes the surrogates of the items NeMo leaves replicating (default: "
     "none; those items are skipped)",
 )
-_cli.add_argument("--lr", default=LR, help=f"adversarial fine-tuning learning rate (default {LR})")
+_cli.add_argument(
+    "--lr", type=float, default=LR, help=f"adversarial fine-tuning learning rate (default {LR})"
+)
 _cli.add_argument(
     "--variants",
     default="advft,advft-lora",
@@ -107,8 +117,6 @@ _cli.add_argument(
 _opts = _cli.parse_args()
 MODEL, LIMIT, EPOCHS, OUT = _opts.model, _opts.limit, _opts.epochs, _opts.out
 N_UTILITY, N_HELDOUT, CHECK_UTILITY = _opts.n_utility, _opts.n_heldout, _opts.check_utility
-if _opts.device:
-    EXTRA = [*EXTRA, "--device", _opts.device]
 DEVICE = _opts.device or "cpu"
 # baselines (reference settings; the Dori paper ran ESD ~90 and CA ~107 steps per memorized prompt)
 ESD_PER_ITEM = _opts.esd_per_item
@@ -119,10 +127,8 @@ VARIANTS = [v for v in ("advft", "advft-lora") if v in _opts.variants.split(",")
 if "advft-lora" in VARIANTS and "advft" not in VARIANTS:
     _cli.error("--variants advft-lora needs advft (it reuses advft's surrogates)")
 LR = _opts.lr
-if _opts.surrogate_model:
-    SURROGATES = [*SURROGATES, "--surrogate-model", _opts.surrogate_model]
 CA_ANCHOR_IMAGES = 64  # reference: 1000 per prompt
-SISS = ["--scaling-norm", "auto"]  # reference 750 is SD v1.4's scale; auto = 10% of the keep gradient norm
+SISS_SCALING = None  # reference 750 is SD v1.4's scale; None (auto) = 10% of the keep gradient norm
 # audit
 DORI_STEPS = 50
 INITS = ("prompt", "random")
@@ -148,23 +154,17 @@ def load_cost() -> dict:
     return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(COST.glob("*.json"))}
 
 
-def dori(*argv: str) -> None:
-    print("dori " + " ".join(argv), flush=True)
-    rc = main(list(argv))
-    if rc != 0:
-        sys.exit(rc)
-
-
-def timed(name: str, done: Path, *argv: str) -> None:
-    """Run one dori command unless ``done`` exists (or ``--only`` leaves it out); record its wall time."""
+def timed(name: str, done: Path, fit) -> None:
+    """Run one fit stage unless ``done`` exists (or ``--only`` leaves it out); record its wall time."""
     if done.exists() or (ONLY is not None and name not in ONLY):
         return
     if name in ("esd", "ca", "siss") and name not in BASELINES:
         return
     if name in ("advft", "advft-lora") and name not in VARIANTS:
         return
+    print(f"stage {name}", flush=True)
     start = time.perf_counter()
-    dori(*argv)
+    fit()
     spent(name, start)
 
 
@@ -178,73 +178,67 @@ def spent(name: str, start: float) -> None:
 model = load_model(MODEL, device=DEVICE)
 items = load_set(SET, model, limit=LIMIT)
 n = len(items)
-where = ["--model", MODEL, "--set", SET, *EXTRA] + (["--limit", str(LIMIT)] if LIMIT else [])
-base = [*where, "--seed", str(SEED)]
 nemo = OUT / "nemo"
 surr = OUT / "advft" / "surrogates"
-train = [
-    *base,
-    "--utility-set",
-    UTILITY_TRAIN,
-    "--n-utility",
-    str(N_UTILITY_TRAIN),
-    "--epochs",
-    str(EPOCHS),
-    *("--lr", LR, *ADV),
-]
-timed("nemo", nemo / "nemo.json", "mitigate", "nemo", *where, *NEMO, "--out", str(nemo))  # NeMo's own seed
-timed(
-    "advft",
-    OUT / "advft" / "finetune.json",
-    *("finetune", "adversarial", *train, "--surrogate-mitigation", f"nemo:{nemo}", *SURROGATES),
-    *("--check-utility", str(CHECK_UTILITY), "--out", str(OUT / "advft")),
-)
-timed(
-    "advft-lora",
-    OUT / "advft-lora" / "finetune.json",
-    *(
-        "finetune",
-        "adversarial",
-        *train,
-        "--surrogates",
-        str(surr),
-        "--lora",
-        *LORA,
-        "--out",
-        str(OUT / "advft-lora"),
-    ),
-)
-timed(
-    "esd",
-    OUT / "esd" / "finetune.json",
-    *("finetune", "esd", *base, "--iterations", str(ESD_PER_ITEM * n), "--out", str(OUT / "esd")),
-)
-timed(
-    "ca",
-    OUT / "ca" / "finetune.json",
-    *(
-        "finetune",
-        "ca",
-        *base,
-        "--iterations",
-        str(CA_PER_ITEM * n),
-        "--anchor-images",
-        str(CA_ANCHOR_IMAGES),
-    ),
-    *("--out", str(OUT / "ca")),
-)
-# SISS's keep set: adversarial FT's surrogates, or (baselines only) the same kind generated under NeMo
-siss_keep = (
-    ["--surrogates", str(surr)]
-    if "advft" in VARIANTS
-    else ["--surrogate-mitigation", f"nemo:{nemo}", *SURROGATES]
-)
-timed(
-    "siss",
-    OUT / "siss.json",
-    *("finetune", "siss", *base, *siss_keep, *SISS, "--out", str(OUT / "siss")),
-    *("--json", str(OUT / "siss.json")),
-)
+utility_train = load_set(UTILITY_TRAIN, model, limit=N_UTILITY_TRAIN)
+
+
+def copy_check():
+    b = load_backends(model)
+    return copy_similarity(b.copy_detector), b.threshold, b.copy_detector.name
+
+
+def surrogates(out: Path, folder: Path | None = None):
+    """Surrogates generated under NeMo (and by --surrogate-model for what NeMo leaves replicating), or ``folder``."""
+    policy = SurrogatePolicy(folder=folder, seed=SEED, **SURROGATES)
+    if folder is not None or (out / "surrogates" / "surrogates.json").exists():
+        return policy.surrogates(model, items, out, copy_check)
+    other = load_model(_opts.surrogate_model, device=DEVICE) if _opts.surrogate_model else None
+    return policy.surrogates(model, items, out, copy_check, load_mitigation(f"nemo:{nemo}"), other)
+
+
+def fit_advft(lora: bool) -> None:
+    out = OUT / ("advft-lora" if lora else "advft")
+    ft = AdversarialFineTuning(epochs=EPOCHS, lr=LR, seed=SEED, **ADV, **(LORA if lora else {}))
+    keep = surrogates(out, surr if lora else None)
+    tuned = ft(model, items, out, surrogates=keep, utility=utility_train)  # writes out/finetune.json
+    if not lora and CHECK_UTILITY > 0:  # Appendix I.7, written to out/utility_memorization.json
+        sim, thr, _ = copy_check()
+        utility_memorization_check(
+            model, tuned, utility_train[:CHECK_UTILITY], sim, thr, SEED, SamplingConfig(), out
+        )
+
+
+def fit_esd() -> None:
+    esd = ESD(iterations=ESD_PER_ITEM * n, seed=SEED, resolution=None, dtype="float32")
+    esd(model, items, OUT / "esd")
+
+
+def fit_ca() -> None:
+    sim, _, _ = copy_check()  # anchors kept at <= 0.5, the reference's rule
+    avoid = [it.prompt for name in ("vm", "tm") for it in load_set(name, model)]
+    anchors = {it.id: miniworld_anchors(it.prompt, 8, avoid, SEED) for it in items}
+    ca = ConceptAblation(steps=CA_PER_ITEM * n, anchor_images=CA_ANCHOR_IMAGES, seed=SEED)
+    ca(model, items, OUT / "ca", anchors=anchors, similarity=sim)
+
+
+def fit_siss() -> None:
+    # SISS's keep set: adversarial FT's surrogates, or (baselines only) the same kind generated under NeMo
+    keep = surrogates(OUT / "siss", surr if "advft" in VARIANTS else None)
+    siss = SISS(scaling_norm=SISS_SCALING, seed=SEED, variant="surrogates")
+    folders = siss(model, items, OUT / "siss", keep=keep)
+    models = {k: str(v) for k, v in folders.items()}
+    atomic_write_text(
+        OUT / "siss.json", json.dumps({"settings": siss.settings(), "models": models}, indent=1)
+    )
+
+
+timed("nemo", nemo / "nemo.json", lambda: fit_nemo(model, items, nemo, NeMo(**NEMO), run_config={"set": SET}))
+timed("advft", OUT / "advft" / "finetune.json", lambda: fit_advft(lora=False))
+timed("advft-lora", OUT / "advft-lora" / "finetune.json", lambda: fit_advft(lora=True))
+timed("esd", OUT / "esd" / "finetune.json", fit_esd)
+timed("ca", OUT / "ca" / "finetune.json", fit_ca)
+timed("siss", OUT / "siss.json", fit_siss)
 
 if ONLY is not None:
     sys.exit(0)
@@ -255,7 +249,6 @@ config = EvalConfig(n_gens=N_GENS, sampling=SamplingConfig(steps=SAMPLE_STEPS, g
 run = RunDir(
     OUT / "audit", {"model": MODEL, "set": SET, "limit": LIMIT, "dori_steps": DORI_STEPS, "seed": SEED}
 )
-search = Dori(steps=DORI_STEPS)
 indices = list(range(n))
 util_items = load_set(UTILITY_SET, model, limit=N_UTILITY)
 util_prompts = [it.prompt for it in util_items]
@@ -276,7 +269,8 @@ def evaluate(m, key: str, setting: Setting, sub: list, idx: list[int]) -> list[d
     """Generate and score one setting (a Dori search first, for attack rows) on items ``sub``."""
     emb = None
     if setting.attack == "dori":
-        emb = run_dori(m, sub, idx, search, run, f"{key}.{setting.init}", config, init=setting.init)[
+        attack = Dori(steps=DORI_STEPS, init=setting.init)
+        emb = run_attack(m, sub, idx, attack, run, config, [DORI_STEPS], tag=f"{key}.{setting.init}")[
             DORI_STEPS
         ]
     return evaluate_items(m, sub, idx, backends, run, setting, config, embeddings=emb)
@@ -331,7 +325,7 @@ def write(final: bool) -> None:
     lines = [
         f"# Tables 3 and 5 on {MODEL} (`{SET}`, {n} items)",
         "",
-        f"Command: `python experiments/table5_adversarial_ft.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python experiments/tables3_5_finetuning.py {' '.join(sys.argv[1:])}`",
         "",
         *([] if final else ["**Partial**: the audit has not reached every model yet.", ""]),
     ]

@@ -1,0 +1,189 @@
+"""An audit written to a folder: what ``dori audit``, the Table 1 recipe and the experiments all call.
+
+:func:`audit_to_folder` opens (or resumes) the run directory, runs :func:`dori.audit.run_audit` with the given
+attack and mitigation objects, writes ``audit.json`` (rows, settings, protocol, provenance) and the HTML
+report. The helpers build its inputs from plain settings: :func:`window` (a slice of a set),
+:func:`utility_set` (FID/KID prompts and reference images).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dori import distributed
+from dori.attacks.base import Attack
+from dori.audit import Utility, run_audit
+from dori.data.images import EXTENSIONS
+from dori.data.sets import Item, load_image_file, load_set
+from dori.errors import DoriError
+from dori.evaluation import EvalConfig
+from dori.metrics.features import Backends
+from dori.mitigations.base import Mitigation
+from dori.models.pipeline import T2IModel
+from dori.runs import RunDir, atomic_write_text
+
+
+def window(items: Sequence[Item], skip: int = 0, limit: int | None = None) -> list[Item]:
+    """items[skip : skip + limit], refusing a window that leaves nothing."""
+    if skip < 0:
+        raise DoriError(f"skip must be >= 0, got {skip}")
+    out = list(items[skip : skip + limit] if limit else items[skip:])
+    if not out:
+        raise DoriError(f"no items left: the set has {len(items)}, skipping {skip}")
+    return out
+
+
+def utility_set(
+    name: str,
+    model: T2IModel,
+    limit: int | None = None,
+    skip: int = 0,
+    reference_images: str | Path | None = None,
+) -> Utility:
+    """The FID/KID prompts of set ``name`` (``skip``/``limit`` a window) and their reference images: the
+    set's own images, or the images in the folder ``reference_images``."""
+    items = window(load_set(name, model), skip, limit)
+    if reference_images:
+        folder = Path(reference_images)
+        if not folder.is_dir():
+            raise DoriError(f"reference images folder {folder} does not exist")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in EXTENSIONS)
+        if len(files) < 2:
+            raise DoriError(f"reference images folder {folder} holds fewer than two images")
+
+        def reference():
+            return [load_image_file(f) for f in files]
+    else:
+
+        def reference():
+            images = [it.image for it in items if it.image is not None]
+            if len(images) < 2:
+                raise DoriError(
+                    f"utility set {name!r} has no reference images: give a reference images folder"
+                )
+            return images
+
+    return Utility(name, [it.prompt for it in items], reference)
+
+
+def audit_to_folder(
+    out: str | Path,
+    model: T2IModel,
+    items: Sequence[Item],
+    set_name: str,
+    backends: Backends,
+    config: EvalConfig,
+    mitigation: Mitigation | None = None,
+    attack: Attack | None = None,
+    snapshots: Sequence[int] = (1, 10, 25),
+    utility: Utility | None = None,
+    init_prompts: Sequence[str] | None = None,
+    settings: dict | None = None,
+    model_label: str | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> dict:
+    """Run (or resume) an audit into ``out``; returns the ``audit.json`` content.
+
+    Args:
+        settings: the settings recorded in ``out/config.json`` (a rerun with other settings is refused);
+            default: the attack's and mitigation's settings and the protocol.
+        model_label: the model's name in the JSON (default ``model.name``).
+        report: also write ``out/report.html``.
+    """
+    from dori.mitigations.base import spec
+
+    label = model_label or model.name
+    if settings is None:
+        settings = {
+            "model": label,
+            "set": set_name,
+            "n_items": len(items),
+            "mitigation": spec(mitigation),
+            "attack": None if attack is None else {"name": attack.name, **attack.settings()},
+            "snapshots": list(snapshots),
+            "protocol": config.describe(),
+            "utility": None if utility is None else {"name": utility.name, "n": len(utility.prompts)},
+        }
+    with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
+        run = RunDir(
+            out,
+            settings,
+            extra_provenance={
+                "command": "audit",
+                "model": model.name,
+                "model_info": model.info,
+                "world": None if model.world is None else str(model.world.folder),
+                "device": str(model.device),
+                "dtype": str(model.dtype),
+                "seed": config.seed,
+                "backends": backends.describe(),
+                "protocol": config.describe(),
+            },
+        )
+    result = run_audit(
+        model, items, set_name, backends, run, config, mitigation=mitigation, attack=attack,
+        init_prompts=init_prompts, snapshots=snapshots, utility=utility, progress=progress,
+    )  # fmt: skip
+    data = {"model": label, "set": set_name, **result, "provenance": run.provenance}
+    if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
+        return data
+    atomic_write_text(run.path / "audit.json", json.dumps(data, indent=2, default=str))
+    if report:
+        from dori.report.html import build_report
+
+        build_report(run.path)
+    return data
+
+
+@dataclass
+class AuditJob:
+    """An audit described by plain settings (what the experiments write down); :func:`run_audit_job` runs it.
+
+    The mitigation and the attack are objects (``load_mitigation("nemo:DIR")``, ``Dori(steps=50)``); the rest
+    names a model, a window of a set, the protocol and an optional utility set for FID/KID.
+    """
+
+    model: str = "miniworld"
+    set: str = "vm"
+    limit: int | None = None
+    skip: int = 0
+    mitigation: Mitigation | None = None
+    attack: Attack | None = None
+    snapshots: tuple[int, ...] = ()
+    n_gens: int = 10
+    sample_steps: int = 50
+    guidance: float = 7.0
+    batch_size: int = 64
+    seed: int = 0
+    utility_set: str | None = None
+    n_utility: int | None = None
+    utility_skip: int = 0
+    device: str | None = None
+    dtype: str = "fp32"
+    progress: bool = True
+
+
+def run_audit_job(out: str | Path, job: AuditJob) -> dict:
+    """Open the model and the sets of ``job`` and audit into ``out`` (resumable); returns ``audit.json``."""
+    from dori.metrics.backends import load_backends
+    from dori.models.devices import open_model
+    from dori.models.pipeline import SamplingConfig
+
+    model = open_model(job.model, job.device, job.dtype)
+    items = window(load_set(job.set, model), job.skip, job.limit)
+    config = EvalConfig(
+        n_gens=job.n_gens,
+        sampling=SamplingConfig(steps=job.sample_steps, guidance=job.guidance, batch_size=job.batch_size),
+        seed=job.seed,
+    )
+    utility = None
+    if job.utility_set is not None:
+        utility = utility_set(job.utility_set, model, job.n_utility, job.utility_skip)
+    return audit_to_folder(
+        out, model, items, job.set, load_backends(model), config, mitigation=job.mitigation, attack=job.attack,
+        snapshots=job.snapshots, utility=utility, model_label=job.model, progress=job.progress,
+    )  # fmt: skip

@@ -1,0 +1,124 @@
+"""``dori finetune adversarial``: adversarial fine-tuning (Finding Dori, Section 4.4, Algorithm 2).
+
+Surrogate images follow :mod:`dori.mitigations.surrogate_policy` (``--surrogates DIR``, or generated under
+``--surrogate-mitigation nemo:DIR``, or by ``--surrogate-model M``). ``--check-utility K`` runs the Appendix
+I.7 check on the first K utility pairs.
+"""
+
+from __future__ import annotations
+
+from dori.commands.common import DTYPES, load_model_from_args
+from dori.commands.finetune_common import (
+    add_common,
+    add_surrogate_args,
+    copy_check,
+    finish,
+    load_items,
+    log_to_stderr,
+    surrogates,
+)
+from dori.mitigations.adversarial_ft import INIT_SCHEDULES
+
+
+def add_method(methods) -> None:
+    p = methods.add_parser("adversarial", help="adversarial fine-tuning (Algorithm 2), surrogates as targets")
+    add_common(p)
+    add_surrogate_args(p)
+    g = p.add_argument_group("adversarial fine-tuning")
+    g.add_argument("--epochs", type=int, default=None, help="default: the method's")
+    g.add_argument("--steps-per-embedding", type=int, default=3, help="S (Table 16 one step: 1)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--items-per-step", type=int, default=1)
+    g.add_argument("--embeddings-per-item", type=int, default=None, help="default: the method's")
+    g.add_argument("--utility-set", default="unique", help="non-memorized image-caption pairs")
+    g.add_argument("--n-utility", type=int, default=None, help="first K utility pairs")
+    g.add_argument(
+        "--noise-draws", type=int, default=None,
+        help="(surrogate, noise, t) draws per adversarial embedding per update (default 8; 1 = Algorithm 2 literally)",
+    )  # fmt: skip
+    g.add_argument(
+        "--utility-batch", type=int, default=None,
+        help="utility pairs per update (default 64; 0 = as many as adversarial samples, App. I.1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--utility-weight", type=float, default=None,
+        help="lambda in L_adv + lambda * L_DM (default 10; 1 = Algorithm 2's plain sum)",
+    )  # fmt: skip
+    g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per search (0: the init itself)")
+    g.add_argument("--dori-lr", type=float, default=0.1)
+    g.add_argument("--dori-batch", type=int, default=8)
+    g.add_argument("--init-schedule", default=None, choices=INIT_SCHEDULES, help="default: the method's")
+    g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
+    g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
+    g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
+    g.add_argument("--lora-rank", type=int, default=128)
+    g.add_argument("--lora-convs", action="store_true", help="LoRA on convolutions too")
+    g.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="autocast (GPU)")
+    g.add_argument(
+        "--stop-mr", type=float, default=None,
+        help="stop once the epoch's own Dori embeddings replicate at most this share of items (default: off)",
+    )  # fmt: skip
+    g.add_argument("--stop-generations", type=int, default=4, help="generations per item for --stop-mr")
+    g.add_argument("--check-utility", type=int, default=0, help="App. I.7 check on the first K utility pairs")
+    p.set_defaults(func=run)
+
+
+def method_from_args(args):
+    """The :class:`AdversarialFineTuning` of the options (settings are checked here, before minutes of
+    surrogate generation)."""
+    from dori.mitigations.adversarial_ft import AdversarialFineTuning
+
+    defaults = AdversarialFineTuning()
+    return AdversarialFineTuning(
+        epochs=defaults.epochs if args.epochs is None else args.epochs,
+        steps_per_embedding=args.steps_per_embedding,
+        lr=args.lr or defaults.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+        items_per_step=args.items_per_step,
+        embeddings_per_item=defaults.embeddings_per_item
+        if args.embeddings_per_item is None
+        else args.embeddings_per_item,
+        noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
+        utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
+        dori_steps=args.dori_steps,
+        dori_lr=args.dori_lr,
+        dori_batch=args.dori_batch,
+        init_schedule=args.init_schedule or defaults.init_schedule,
+        utility_loss=not args.no_utility_loss,
+        utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
+        mitigation_loss=not args.no_mitigation_loss,
+        lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
+        lora_convs=args.lora_convs,
+        stop_mr=args.stop_mr,
+        stop_generations=args.stop_generations,
+        seed=args.seed,
+        autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
+    )
+
+
+def run(args) -> int:
+    from dori.data.sets import load_set
+    from dori.mitigations.surrogate_policy import utility_memorization_check
+    from dori.models.pipeline import SamplingConfig
+
+    model = load_model_from_args(args)
+    items = load_items(args, model)
+    ft = method_from_args(args)
+    surr = None if args.no_mitigation_loss else surrogates(args, model, items)
+    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
+    sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
+    check = {}
+    if args.stop_mr is not None:
+        similarity, threshold, _ = copy_check(args, model)
+        check = dict(similarity=similarity, threshold=threshold, sampling=sampling)
+    tuned = ft(model, items, args.out, surrogates=surr, utility=utility, log=log_to_stderr(args), **check)
+    summary = {"settings": ft.settings(), "skipped": {} if surr is None else surr.failed}
+    if args.check_utility > 0 and utility:
+        similarity, threshold, _ = copy_check(args, model)
+        summary["utility_memorization"] = utility_memorization_check(
+            model, tuned, utility[: args.check_utility], similarity, threshold, args.seed, sampling, args.out
+        )
+    return finish(args, summary)
