@@ -27,7 +27,7 @@ Every config value below can be edited in place; the common ones are also option
 On the shipped world NeMo leaves 7 of the 40 vm items replicating, so they get no surrogates and are not
 fine-tuned away. ``--surrogate-model DIR`` fills the gap: DIR is a world that never saw these items, e.g. one
 made by ``dori miniworld train --seed 1 --out DIR``. The defaults (lr 4e-5, 12 epochs) met every bound with it
-on 5 of 5 seeds (docs/results.md, session 7).
+on 5 of 5 seeds on world v1 (docs/adversarial_ft.md).
 """
 
 import argparse

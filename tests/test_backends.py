@@ -139,7 +139,9 @@ def test_load_backends_real_files_and_miniworld(tiny, tmp_path, monkeypatch):
     fake = types.ModuleType("dori.miniworld.standins")
     fake.load_standins = lambda world, device="cpu": calls.append((world, device)) or "standins"
     monkeypatch.setitem(sys.modules, "dori.miniworld.standins", fake)
-    monkeypatch.setitem(tiny.info, "world_dir", str(tmp_path))
+    from dori.world import World
+
+    monkeypatch.setattr(tiny, "world", World(tmp_path))
     assert B.load_backends(tiny) == "standins"
     assert calls == [(tmp_path, tiny.device)]
     assert B.load_backends(tiny, sscd=sscd).copy_detector.name.startswith("sscd")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +107,8 @@ def test_world_sets_round_trip(micro_world):
     from dori.models.loading import load_model
 
     model = load_model(str(micro_world))
-    assert model.info["world_dir"] and model.image_size == 32 and model.vae is not None
+    assert model.world is not None and model.world.folder == Path(micro_world).resolve()
+    assert model.image_size == 32 and model.vae is not None
     sizes = {"vm": 3, "tm": 2, "unique": 24, "heldout": 6}
     for name in WORLD_SETS:
         items = load_set(name, model)

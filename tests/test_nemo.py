@@ -203,7 +203,9 @@ def test_calibration_cached_and_consistent(tiny, calib, cache_dir, tmp_path, mon
     (world / "nemo").mkdir(parents=True)
     for f in cache_dir.glob("calibration-*"):
         shutil.copy(f, world / "nemo" / f.name)
-    monkeypatch.setitem(tiny.info, "world_dir", str(world))
+    from dori.world import World
+
+    monkeypatch.setattr(tiny, "world", World(world))
     shipped = nemo_calibration.calibrate(
         tiny, "abs-mean", NeMo()._v["threshold"], ms_ssim_settings(8, 8), n_seeds=4,
         prompts=PROMPTS, prompt_set="test", cache_dir=tmp_path / "empty-cache",

@@ -46,6 +46,8 @@ UTILITY_SEED_BASE = 10_000_000
 UTILITY_CHUNK = 256
 
 MitigationContext = Callable[[Sequence[str] | None], AbstractContextManager]
+"""``context(item_ids)``: a mitigation bound to the model under evaluation (``lambda ids: m.applied(model, ids)``
+or, per UNet row, ``lambda rows: m.applied_rows(model, rows)``); the only such type in dori."""
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dori.errors import DoriError
 from dori.mitigations.nemo import NeMo
 from dori.mitigations.nemo_calibration import Calibration
 from dori.mitigations.nemo_noise import merge_blockings
-from dori.mitigations.nemo_result import NeMoResult, row_multipliers
-from dori.models.hooks import rowwise_scale_output_channels
+from dori.mitigations.nemo_result import NeMoResult
+from dori.models.hooks import row_multipliers, rowwise_scale_output_channels
 from dori.models.pipeline import T2IModel
 
 

@@ -15,19 +15,18 @@ and are reproduced by :class:`NoiseSettings`:
   the output as ``(cond, uncond)``, so it computes ``c + g (u - c)``; ``swapped_cfg=True`` reproduces that.
 
 Several prompts and seeds are evaluated in one UNet batch. Each row may block its own neurons:
-:func:`row_channel_masks` multiplies the output of each value layer by a per-row mask (1 = keep,
+:func:`dori.models.hooks.rowwise_scale_output_channels` multiplies the output of each value layer by a per-row mask (1 = keep,
 ``scale`` = blocked), the batched equivalent of :func:`dori.models.hooks.scale_output_channels`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dori.models.layers import get_module
+from dori.models.hooks import row_multipliers, rowwise_scale_output_channels
 from dori.models.pipeline import T2IModel
 
 Blocking = Mapping[str, Sequence[int]]
@@ -55,43 +54,14 @@ def initial_latents(model: T2IModel, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *model.sample_shape), generator=gen)
 
 
-@contextlib.contextmanager
-def row_channel_masks(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block, ``layer(x) *= masks[layer][:, None, :]`` (one mask row per batch row).
-
-    ``masks[layer]`` has shape (batch, out_features); the hooks are removed on exit.
-    """
-    handles = []
-    try:
-        for name, mask in masks.items():
-
-            def hook(_mod, _inp, out, mask=mask):
-                return out * mask.to(out.device, out.dtype).unsqueeze(1)
-
-            handles.append(get_module(unet, name).register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def masks_for_rows(
     model: T2IModel, layers: Sequence[str], blockings: Sequence[Blocking | None], scale: float = 0.0
 ) -> dict[str, torch.Tensor] | None:
-    """Per-row channel masks for a batch whose row ``r`` blocks ``blockings[r]`` (None: nothing)."""
-    if not any(b and any(len(v) for v in b.values()) for b in blockings):
-        return None
-    out = {}
-    for layer in layers:
-        width = get_module(model.unet, layer).out_features
-        m = torch.ones(len(blockings), width)
-        for r, b in enumerate(blockings):
-            idx = list(b.get(layer, ())) if b else []
-            if idx:
-                m[r, idx] = scale
-        if (m != 1).any():
-            out[layer] = m.to(model.device)
-    return out
+    """Per-row channel multipliers (:func:`dori.models.hooks.row_multipliers`) of a batch whose row ``r``
+    blocks ``blockings[r]`` (None: nothing), on the model's device; None when nothing is blocked."""
+    mults = row_multipliers(model.unet, blockings, scale, layers)
+    out = {k: m.to(model.device) for k, m in mults.items() if (m != 1).any()}
+    return out or None
 
 
 def normalize_per_channel(diff: torch.Tensor) -> torch.Tensor:
@@ -125,12 +95,12 @@ def noise_differences(
     rows = x.shape[0]
     if settings.guidance == 0:
         masks = row_masks or {}
-        with row_channel_masks(model.unet, masks):
+        with rowwise_scale_output_channels(model.unet, masks):
             eps = model.unet_forward(x_in.to(model.dtype), t.expand(rows), cond).float()
     else:
         uncond = model.null_embedding().expand(rows, -1, -1)
         masks = {k: torch.cat([v, v]) for k, v in (row_masks or {}).items()}
-        with row_channel_masks(model.unet, masks):
+        with rowwise_scale_output_channels(model.unet, masks):
             both = model.unet_forward(
                 torch.cat([x_in, x_in]).to(model.dtype), t.expand(2 * rows), torch.cat([uncond, cond])
             ).float()

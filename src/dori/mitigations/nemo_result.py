@@ -12,7 +12,7 @@ import torch
 
 from dori.errors import DoriError
 from dori.mitigations import register_mitigation
-from dori.models.hooks import rowwise_scale_output_channels, scale_output_channels
+from dori.models.hooks import row_multipliers, rowwise_scale_output_channels, scale_output_channels
 from dori.models.layers import get_module
 from dori.models.pipeline import T2IModel
 
@@ -134,21 +134,6 @@ class NeMoResult:
             data.get("calibration", {}),
             data.get("provenance", {}),
         )
-
-
-def row_multipliers(
-    unet: torch.nn.Module, rows: Sequence[dict[str, list[int]]], scale: float = 0.0
-) -> dict[str, torch.Tensor]:
-    """Per-row channel multipliers for :func:`rowwise_scale_output_channels`: row r scales the neurons
-    ``rows[r]`` (layer -> indices) by ``scale`` and leaves every other channel at 1."""
-    mults = {}
-    for layer in sorted({k for row in rows for k, v in row.items() if v}):
-        mult = torch.ones(len(rows), get_module(unet, layer).out_features)
-        for r, row in enumerate(rows):
-            if row.get(layer):
-                mult[r, row[layer]] = scale
-        mults[layer] = mult
-    return mults
 
 
 def neuron_count(result: NeMoResult) -> int:

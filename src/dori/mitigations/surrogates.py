@@ -34,9 +34,9 @@ from dori.metrics.replication import Similarity, replicated
 from dori.models.pipeline import SamplingConfig, T2IModel
 from dori.runs import atomic_write_text, safe_key
 
-MitigationContext = Callable[[T2IModel, Sequence[str]], contextlib.AbstractContextManager]
-"""``mitigation(model, item_ids)``: a context manager that applies an inference-time mitigation for those
-items and undoes it on exit (``AppliedMitigation.applied``)."""
+ApplyMitigation = Callable[[T2IModel, Sequence[str]], contextlib.AbstractContextManager]
+"""``apply(model, item_ids)``: :meth:`dori.mitigations.base.Mitigation.applied` of a fitted mitigation (applies
+it for those items, undoes it on exit)."""
 
 
 @dataclass
@@ -136,7 +136,7 @@ def generate_surrogates(
     items: Sequence[Item],
     similarity: Similarity,
     threshold: float,
-    mitigation: MitigationContext | None = None,
+    mitigation: ApplyMitigation | None = None,
     per_item: int = 4,
     max_rounds: int = 3,
     seed: int = 0,

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +154,28 @@ def _rows_for(out: torch.Tensor, n_rows: int, name: str) -> int:
     raise DoriError(
         f"row-wise intervention on {name}: a call with {out.shape[0]} rows, expected {n_rows} or {2 * n_rows}"
     )
+
+
+def row_multipliers(
+    unet: torch.nn.Module,
+    rows: Sequence[Mapping[str, Sequence[int]] | None],
+    scale: float = 0.0,
+    layers: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-row channel multipliers for :func:`rowwise_scale_output_channels`, the one place they are built:
+    row r scales the channels ``rows[r][layer]`` by ``scale`` and leaves every other channel at 1. Only layers
+    some row touches appear (restricted to ``layers`` when given, in that order)."""
+    touched = {k for row in rows if row for k, v in row.items() if len(v)}
+    order = [lay for lay in layers if lay in touched] if layers is not None else sorted(touched)
+    mults = {}
+    for layer in order:
+        mult = torch.ones(len(rows), get_module(unet, layer).out_features)
+        for r, row in enumerate(rows):
+            idx = list(row.get(layer, ())) if row else []
+            if idx:
+                mult[r, idx] = scale
+        mults[layer] = mult
+    return mults
 
 
 @contextlib.contextmanager

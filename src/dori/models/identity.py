@@ -30,9 +30,11 @@ def weights_fingerprint(model) -> str:
 def model_sources(model) -> list[Path]:
     """The folders a model was read from (its world folder, its local path), for never writing over them."""
     out = []
-    world = getattr(model, "info", {}).get("world_dir")
-    if world:
-        out.append(Path(world))
+    from dori.world import world_of
+
+    world = world_of(model)
+    if world is not None:
+        out.append(world.folder)
     name = getattr(model, "name", None)
     if name and Path(str(name)).expanduser().is_dir():
         out.append(Path(str(name)).expanduser())
