@@ -8,6 +8,7 @@ Higher scores mean "more likely memorized".
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -43,9 +44,13 @@ def register(name: str) -> Callable[[type], type]:
     return wrap
 
 
+BUILTIN_MODULES = ("dori.detection.wen", "dori.detection.nemo_score", "dori.detection.trajectory")
+
+
 def build_detector(name: str, **kwargs) -> Detector:
     """The detector registered as ``name``, constructed with ``kwargs``."""
-    import dori.detection  # noqa: F401  (registers the built-in detectors)
+    for module in BUILTIN_MODULES:  # importing them registers the built-in detectors
+        importlib.import_module(module)
 
     if name not in DETECTORS:
         raise DoriError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from dori.report.html import _figure_uri, _img
+from dori.report.page import _figure_uri, _img
 
 
 def control_plot_uri(curve: list[dict], level: float, budget: int | None) -> str:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from dori.errors import DoriError
-from dori.report.html import _STATUS_SCRIPT, _STYLE, _figure_uri, _img
+from dori.report.page import _STATUS_SCRIPT, _STYLE, _figure_uri, _img
 from dori.runs import atomic_write_text
 
 COLORS = {"wen": "#b00", "nemo": "#06c", "trajectory": "#080"}
