@@ -43,7 +43,7 @@ import torch
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics.features import TextImageAligner
-from dori.mitigations.surrogates import MitigationContext, Similarity, SurrogateSet
+from dori.mitigations.surrogates import ApplyMitigation, Similarity, SurrogateSet
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 SOURCES = ("prompt", "drop-word", "noise")
@@ -111,7 +111,7 @@ class SelfSurrogates:
         similarity: Similarity,
         threshold: float,
         aligner: TextImageAligner | None = None,
-        mitigation: MitigationContext | None = None,
+        mitigation: ApplyMitigation | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> SurrogateSet:
         """Surrogates for every item with a training image.
