@@ -182,7 +182,8 @@ def test_report_renders_in_chromium(cli_run, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert 'data-status="ok"' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "images=13 broken=0 errors=0" in out.stdout
+    # 2 items: training image, generations per setting, Dori loss and norm curves, plots (norm curves: b256d06)
+    assert "images=15 broken=0 errors=0" in out.stdout
 
 
 def _audit(
