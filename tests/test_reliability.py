@@ -4,6 +4,8 @@ promises to these tests."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -141,3 +143,98 @@ def test_item2_finetune_refuses_a_finished_run_of_other_settings(tmp_path, capsy
     assert "model" in capsys.readouterr().err
     assert main([*base, "--iterations", "1"]) == 0  # the same run again is allowed
     assert main(["finetune", "ca", "--model", str(model), "--set", str(items), "--out", str(out)]) == 2
+
+
+def _toy_audit(model, tmp_path, name, dori_lr=0.1, guidance=7.0, norm_ball=None):
+    from dori.attacks.dori import Dori
+    from dori.audit import run_audit
+    from dori.data.sets import user_set
+    from dori.evaluation import EvalConfig
+    from dori.models.pipeline import SamplingConfig
+    from dori.runs import RunDir
+    from test_audit import fake_backends, write_items
+
+    items = user_set(write_items(tmp_path / "d", missing=False), image_size=16)
+    config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2, guidance=guidance), seed=3)
+    return run_audit(
+        model, items, "toy", fake_backends(), RunDir(tmp_path / name, {"t": name}), config, attack="dori",
+        dori=Dori(steps=2, lr=dori_lr, norm_ball=norm_ball), snapshots=(), progress=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [({"dori_lr": float("inf")}, "none+dori-2"), ({"guidance": float("nan")}, "none"),
+     ({"norm_ball": float("nan")}, "none+dori-2")],
+)  # fmt: skip
+def test_item4_non_finite_is_refused_not_reported_clean(tiny, tmp_path, kwargs, setting):
+    """Item 4: `--lr inf`, `--guidance nan`, `--norm-ball nan` turned into black images scored "not memorized":
+    MR 0.00 with no warning. Now the audit refuses, naming the setting, and reports no row."""
+    with pytest.raises(DoriError, match=rf"setting '{re.escape(setting)}'.*not finite"):
+        _toy_audit(tiny, tmp_path, "run", **kwargs)
+
+
+def test_item4_non_finite_stored_score_is_refused(tiny, tmp_path):
+    """A result file holding a NaN score (older run, tampered folder) is never summarized into a clean MR."""
+    import json
+
+    _toy_audit(tiny, tmp_path, "run")
+    path = tmp_path / "run" / "results" / "item.none.it0.json"
+    record = json.loads(path.read_text())
+    record["sscd_orig"]["max"] = float("nan")
+    path.write_text(json.dumps(record))
+    with pytest.raises(DoriError, match="setting 'none'.*non-finite"):
+        _toy_audit(tiny, tmp_path, "run")
+
+
+BAD_NUMBERS = [
+    (["audit", "--set", "vm", "--limit", "-3"], "--limit must be at least 1"),
+    (["audit", "--set", "vm", "--sample-steps", "-1"], "--sample-steps must be at least 1"),
+    (["audit", "--set", "vm", "--sample-steps", "0"], "--sample-steps must be at least 1"),
+    (["audit", "--set", "vm", "--sample-steps", "5000"], "--sample-steps must be at most 1000"),
+    (["audit", "--set", "vm", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["audit", "--set", "vm", "--seed", str(2**64 + 1)], "--seed must be in"),
+    (["audit", "--set", "vm", "--device", "tpu"], "--device 'tpu' is not a device"),
+    (["audit", "--set", "vm", "--attack", "dori", "--lr", "inf"], "--lr must be a finite number"),
+    (["audit", "--set", "vm", "--attack", "dori", "--lr", "nan"], "--lr must be a finite number"),
+    (["audit", "--set", "vm", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["audit", "--set", "vm", "--norm-ball", "nan"], "--norm-ball must be a finite number"),
+    (["audit", "--set", "vm", "--mitigation", ""], "--mitigation is empty"),
+    (["finetune", "esd", "--set", "vm", "--iterations", "0"], "--iterations must be at least 1"),
+    (["finetune", "esd", "--set", "vm", "--iterations", "-1"], "--iterations must be at least 1"),
+    (["finetune", "adversarial", "--set", "vm", "--lr", "0"], "--lr must be positive"),
+    (["finetune", "siss", "--set", "vm", "--scaling-norm", "nan"], "--scaling-norm must be a positive"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_NUMBERS, ids=[" ".join(a[2:]) for a, _ in BAD_NUMBERS])
+def test_item7_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    """Item 7: `--limit -3` dropped the last 3 items, `--sample-steps -1` ran, `finetune --iterations 0` meant
+    "default" and `-1` wrote an unchanged model as fine-tuned, `--mitigation ""` meant none; item 9: `--lr nan`,
+    `--sample-steps 0`/5000, `--batch-size 0`, a seed over 64 bits, `--device tpu` ended in tracebacks."""
+    from dori.cli import main
+
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+
+
+def test_item7_every_default_passes_validation():
+    import argparse
+
+    from dori.cli import build_parser
+    from dori.commands.validate import validate_args
+
+    def walk(parser, command):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, command or name)
+        defaults = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "command")}
+        yield argparse.Namespace(command=command, **defaults)
+
+    namespaces = list(walk(build_parser(), None))
+    assert len(namespaces) > 10
+    for ns in namespaces:
+        validate_args(ns)

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from dori.commands.validate import validate_args
 from dori.errors import DoriError
 
 COMMANDS = [
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with _ranks(args):
         try:
+            validate_args(args)  # the one check of command-line numbers, before any work
             return int(args.func(args) or 0)
         except DoriError as err:
             print(f"dori: error: {err}", file=sys.stderr)

@@ -23,6 +23,7 @@ report and by SSCD_gen); a rerun skips finished items. Utility (FID/KID) feature
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -153,6 +154,24 @@ def embed(
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+def require_finite(values: torch.Tensor, what: str, setting: str, ids: Sequence[str]) -> None:
+    """Refuse non-finite values (one block per item along dim 0): a NaN image decodes black and scores as
+    "not memorized", so reporting it would be a false all-clear. The error names the setting and the items.
+
+    Raises:
+        DoriError: some item's values hold NaN or inf.
+    """
+    flat = values.detach().reshape(len(ids), -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if bool(bad.any()):
+        names = [i for i, b in zip(ids, bad.tolist(), strict=True) if b]
+        raise DoriError(
+            f"setting {setting!r}: the {what} of {len(names)} item(s) ({', '.join(names[:5])}) are not finite "
+            "(NaN or inf), so this setting was not measured and no result is reported for it; check its numbers "
+            "(Dori learning rate, guidance, norm ball, dtype)"
+        )
+
+
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
@@ -209,23 +228,28 @@ def evaluate_items(
                     cond = model.encode_text([items[j].prompt for j in group])
                 else:
                     cond = embeddings[group]
+                require_finite(cond.float(), "conditioning embeddings", setting.key, ids)
                 images = model.sample(
                     cond.repeat_interleave(n, dim=0),
                     seeds,
                     config.sampling,
                     progress=lambda k, d=done: bar.update(d + k - bar.n),
                 )
+            require_finite(images.float(), "generated images", setting.key, ids)
             gens = to_uint8(images)
             imgs = list(gens.float() / 255)
             feats = embed(backends.copy_detector, imgs, config.feature_batch)
+            require_finite(feats, "copy-detector features of the generations", setting.key, ids)
             trains = [_training_image(items[j], run) for j in group]
             train_feats = embed(
                 backends.copy_detector, [t.float() / 255 for t in trains], config.feature_batch
             )
+            require_finite(train_feats, "copy-detector features of the training images", setting.key, ids)
             clip_img = clip_txt = None
             if backends.aligner is not None:
                 clip_img = embed(backends.aligner.image_features, imgs, config.feature_batch)
                 clip_txt = backends.aligner.text_features([items[j].prompt for j in group]).float().cpu()
+                require_finite(clip_img, "CLIP features", setting.key, ids)
             for pos, j in enumerate(group):
                 sl = slice(pos * n, (pos + 1) * n)
                 record = score_item(
@@ -300,6 +324,12 @@ def score_item(
 def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshold: float) -> dict:
     """One table row (the audit schema) from per-item records: median ± MAD across items."""
     maxes = [r["sscd_orig"]["max"] for r in records]
+    bad = [r.get("item", "?") for r in records if not math.isfinite(float(r["sscd_orig"]["max"]))]
+    if bad:  # a record from an older run or a tampered file: never summarized into a clean rate
+        raise DoriError(
+            f"setting {setting.key!r}: the results of {len(bad)} item(s) ({', '.join(map(str, bad[:5]))}) hold "
+            "non-finite scores, so no rate is reported for it; delete those result files to recompute them"
+        )
     gen = [r["sscd_gen"]["max"] for r in records if r.get("sscd_gen")]
     clip = [r["a_clip"]["mean"] for r in records if r.get("a_clip")]
     return {
@@ -371,6 +401,9 @@ def utility_scores(
                         config.sampling,
                         progress=lambda k, d=done: bar.update(d + k - bar.n),
                     )
+                require_finite(
+                    images.float().reshape(1, -1), "FID generations", tag, [f"utility prompts {lo}+"]
+                )
                 feats = embed(backends.features, list(to_uint8(images).float() / 255), config.feature_batch)
                 atomic_save_tensors(path, {"features": feats})
             else:

@@ -209,4 +209,6 @@ def load_set(
             raise DoriError(
                 f"unknown set {name!r}: not a set of this model's world, not one of {SD_SETS}, not a .jsonl/.csv file"
             )
+    if limit is not None and limit < 0:
+        raise DoriError(f"limit must be >= 0 (0 or None: all items), got {limit}")
     return items[:limit] if limit else items
