@@ -238,3 +238,89 @@ def test_item7_every_default_passes_validation():
     assert len(namespaces) > 10
     for ns in namespaces:
         validate_args(ns)
+
+
+def test_item3_ids_differing_in_unsafe_characters_keep_their_own_results(tiny, tmp_path):
+    """Item 3: ids `a/b` and `a b` shared one result file: one item's result lost, the other counted twice."""
+    import json
+
+    from dori.audit import run_audit
+    from dori.data.sets import user_set
+    from dori.evaluation import EvalConfig
+    from dori.models.pipeline import SamplingConfig
+    from dori.runs import RunDir, safe_key
+    from test_audit import fake_backends, write_items
+
+    path = write_items(tmp_path / "d", missing=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["id"], rows[1]["id"] = "a/b", "a b"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    items = user_set(path, image_size=16)
+    config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2), seed=3)
+    run = RunDir(tmp_path / "run", {"t": 1})
+    result = run_audit(tiny, items, "toy", fake_backends(), run, config, progress=False)
+    assert result["rows"][0]["n_items"] == 2
+    assert [run.get(f"item.none.{i}")["item"] for i in ("a/b", "a b")] == ["a/b", "a b"]
+    assert len(list((run.path / "results").glob("item.none.*.json"))) == 2
+    keys = ["a/b", "a b", "a_b", "a%2Fb", "é", "e", "x" * 400, "x" * 399 + "y"]
+    names = [safe_key(k) for k in keys]
+    assert len(set(names)) == len(keys) and all(len(n) <= 180 and "/" not in n for n in names)
+    assert safe_key("laion-123") == "laion-123" and safe_key("nemo+dori-10") == "nemo+dori-10"
+
+
+def _hold_in_subprocess(folder, env=None, code=None):
+    import os
+    import subprocess
+    import sys
+
+    code = code or (  # the lock module alone: no torch import, a fast subprocess
+        "import sys, time; from dori.runlock import RunLock; r = RunLock(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_lock_two_processes_never_write_one_run_folder(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m dori audit` (before sharding) and two shells started two complete audits
+    writing into one run folder. A second process is now refused, naming the holder; a killed holder frees
+    the folder; objects of one process share the lock."""
+    from dori.runs import RunDir
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    proc = _hold_in_subprocess(folder)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(DoriError, match=rf"in use by pid {proc.pid} "):
+            RunDir(folder, {"a": 1})
+    finally:
+        proc.kill()
+        proc.wait()
+    first = RunDir(folder, {"a": 1})  # the killed holder released it
+    second = RunDir(folder, {"a": 1})  # this same process: shared
+    code = "import sys; from dori.runlock import RunLock; RunLock(sys.argv[1])"
+    other = _hold_in_subprocess(folder, code=code)
+    assert other.wait(120) != 0 and "in use by pid" in other.stderr.read()
+    first.lock.close()
+    second.lock.close()
+    assert _hold_in_subprocess(folder, code=code).wait(120) == 0  # released when this process let go
+
+
+def test_lock_lets_the_ranks_of_one_torchrun_job_share_the_folder(tmp_path, monkeypatch):
+    """Ranks > 0 of the holder's own torchrun job are let in; a rank of another job is refused."""
+    from dori.runs import RunDir
+
+    folder = tmp_path / "run"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    holder = RunDir(folder, {"a": 1})  # rank 0 (no RANK set)
+    code = "import sys; from dori.runlock import RunLock; RunLock(sys.argv[1], wait_s=2)"
+    same = _hold_in_subprocess(folder, {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job-1"}, code)
+    other = _hold_in_subprocess(
+        folder, {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job-2"}, code
+    )
+    assert same.wait(120) == 0, same.stderr.read()
+    assert other.wait(120) != 0 and "not held by rank 0 of this torchrun job" in other.stderr.read()
+    holder.lock.close()

@@ -13,6 +13,7 @@ file (writes go to a temporary name and are renamed), so nothing is lost or dupl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -85,10 +86,17 @@ def provenance(extra: dict | None = None) -> dict:
 
 
 _KEY = re.compile(r"[^A-Za-z0-9_.+-]")
+_MAX_KEY = 180  # bytes of a file name made from a key (file systems allow 255)
 
 
 def safe_key(key: str) -> str:
-    return _KEY.sub("_", key)
+    """A file name for a key, one-to-one: characters outside ``[A-Za-z0-9_.+-]`` become ``%XX`` (their UTF-8
+    bytes), so ``a/b`` and ``a b`` get different files; a name over 180 bytes is cut and ends in ``%~`` and a
+    hash of the whole key. Keys of plain characters (every built-in id) are unchanged."""
+    out = _KEY.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), key)
+    if len(out) > _MAX_KEY:
+        out = out[: _MAX_KEY - 20] + "%~" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:18]
+    return out
 
 
 class RunDir:
@@ -97,8 +105,16 @@ class RunDir:
     def __init__(
         self, path: str | Path, config: dict[str, Any] | None = None, extra_provenance: dict | None = None
     ):
+        from dori.runlock import RunLock
+
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DoriError(f"cannot use run folder {self.path}: {err.strerror or err}") from err
+        if not self.path.is_dir():
+            raise DoriError(f"run folder {self.path} is not a folder")
+        self.lock = RunLock(self.path)  # one process (or one torchrun job) writes a run folder at a time
         (self.path / "results").mkdir(exist_ok=True)
         (self.path / "artifacts").mkdir(exist_ok=True)
         cfg_file = self.path / "config.json"
