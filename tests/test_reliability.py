@@ -324,3 +324,59 @@ def test_lock_lets_the_ranks_of_one_torchrun_job_share_the_folder(tmp_path, monk
     assert same.wait(120) == 0, same.stderr.read()
     assert other.wait(120) != 0 and "not held by rank 0 of this torchrun job" in other.stderr.read()
     holder.lock.close()
+
+
+def test_item5_resume_is_keyed_on_content_not_argument_strings(tmp_path, monkeypatch, capsys):
+    """Item 5: after editing a user set's prompts or images, re-fitting the mitigation in the same nemo:DIR or
+    replacing the weights under the same --model path, a rerun silently reused the old results."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dori.cli import main
+    from dori.fingerprint import mitigation_fingerprint
+    from test_audit import fake_backends, write_items
+
+    monkeypatch.setattr("dori.metrics.backends.load_backends", fake_backends)
+    model = _model_folder(tmp_path / "M")
+    items = write_items(tmp_path / "d", missing=False)
+    run = tmp_path / "run"
+    argv = ["audit", "--model", str(model), "--device", "cpu", "--set", str(items), "--n-gens", "1",
+            "--sample-steps", "1", "--no-progress", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv) == 0  # unchanged content: resumes
+    original = items.read_text()
+    items.write_text(original.replace("thing 0", "thing zero"))  # an edited prompt
+    assert main(argv) == 2
+    assert "the items' prompts or images changed" in capsys.readouterr().err
+    items.write_text(original)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "d" / "img1.png")  # a replaced image
+    assert main(argv) == 2
+    write_items(tmp_path / "d", missing=False)  # the original images again
+    assert main(argv) == 0
+    _model_folder(model, seed=5)  # other weights under the same path
+    assert main(argv) == 2
+    assert "the model's weights changed" in capsys.readouterr().err
+    fitted = tmp_path / "nemo"  # a re-fitted mitigation in the same folder changes its fingerprint
+    fitted.mkdir()
+    (fitted / "neurons.json").write_text(json.dumps({"it0": [[0, 1]]}))
+    before = mitigation_fingerprint(f"nemo:{fitted}")
+    (fitted / "neurons.json").write_text(json.dumps({"it0": [[0, 2]]}))
+    assert mitigation_fingerprint(f"nemo:{fitted}") != before
+
+
+def test_corrupt_run_files_are_named_and_results_recomputed(tiny, tmp_path, capsys):
+    """Item 9 (run folder): a corrupt result is named and recomputed; a corrupt artifact or config is named."""
+    first = _toy_audit(tiny, tmp_path, "run")
+    result = tmp_path / "run" / "results" / "item.none.it0.json"
+    result.write_text('{"truncated": ')
+    again = _toy_audit(tiny, tmp_path, "run")
+    assert "item.none.it0.json is corrupt" in capsys.readouterr().err
+    assert again["rows"] == first["rows"] and (result.parent / "item.none.it0.json.corrupt").exists()
+    (tmp_path / "run" / "artifacts" / "dori.none.it1.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(DoriError, match="dori.none.it1.safetensors is corrupt"):
+        _toy_audit(tiny, tmp_path, "run")
+    (tmp_path / "run" / "config.json").write_text("{")
+    with pytest.raises(DoriError, match="config.json is corrupt"):
+        _toy_audit(tiny, tmp_path, "run")

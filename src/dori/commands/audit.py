@@ -138,6 +138,7 @@ def run(args) -> int:
     from dori.audit import run_audit
     from dori.data.sets import load_set
     from dori.evaluation import EvalConfig
+    from dori.fingerprint import run_inputs
     from dori.metrics.backends import load_backends
     from dori.models.pipeline import SamplingConfig
     from dori.report.html import build_report
@@ -150,6 +151,7 @@ def run(args) -> int:
         load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit
     )
     init, other = _init(args.init, model, len(items))
+    inputs = run_inputs(items, model, args.mitigation)  # before the fast path casts the weights
     backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
     config = EvalConfig(
         n_gens=args.n_gens,
@@ -170,6 +172,7 @@ def run(args) -> int:
         elif config.sampling.decode_batch_size is None:
             config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings.update(inputs)  # resume only on the same items, mitigation files and weights
     with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
         run_dir = RunDir(
             args.out,
