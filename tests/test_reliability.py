@@ -380,3 +380,237 @@ def test_corrupt_run_files_are_named_and_results_recomputed(tiny, tmp_path, caps
     (tmp_path / "run" / "config.json").write_text("{")
     with pytest.raises(DoriError, match="config.json is corrupt"):
         _toy_audit(tiny, tmp_path, "run")
+
+
+class _Server:
+    """A loopback TCP server whose handler misbehaves: it never answers, or trickles bytes."""
+
+    def __init__(self, handler):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.stop = threading.Event()
+
+        def serve():
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.conns.append(conn)
+                threading.Thread(target=handler, args=(conn, self.stop), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        for c in [*self.conns, self.sock]:
+            c.close()
+
+
+def _never_answers(conn, stop):
+    stop.wait(60)
+
+
+def _trickles(conn, stop):
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: image/png\r\n\r\n")
+    while not stop.wait(0.3):
+        try:
+            conn.sendall(b"x")
+        except OSError:
+            return
+
+
+def test_item8_fetch_has_an_overall_deadline(tmp_path):
+    """Item 8: `--fetch` from a server trickling a byte every few seconds ran far past its 10 s timeout (the
+    timeout was per read). Now the whole download has the deadline, the item is skipped, no .part is left."""
+    import time
+
+    from dori.data.images import ImageStore
+    from dori.data.sets import Item
+
+    server = _Server(_trickles)
+    try:
+        store = ImageStore(fetch=True, cache_dir=tmp_path / "cache", timeout_s=1.5)
+        item = Item("x", "p", image_ref=f"http://127.0.0.1:{server.port}/a.png")
+        item._loader = store.load
+        t0 = time.monotonic()
+        assert item.image is None
+        assert time.monotonic() - t0 < 10
+        assert "deadline" in item.skip_reason
+        assert not list((tmp_path / "cache").glob("*.part"))
+    finally:
+        server.close()
+
+
+def test_item8_download_has_an_overall_deadline(monkeypatch):
+    """Item 8: `--download` against an endpoint that accepts and never answers blocked indefinitely."""
+    import socket
+    import time
+
+    import huggingface_hub
+
+    from dori.models.loading import _hub_snapshot
+
+    server = _Server(_never_answers)
+
+    def stalled_download(*args, **kwargs):  # what the hub client does against that endpoint: wait for bytes
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            return s.recv(1)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", stalled_download)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(
+            DoriError, match=r"downloading org/model \(--download\) did not finish within its 1.5 s"
+        ):
+            _hub_snapshot("org/model", allow_download=True, deadline_s=1.5)
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.close()
+
+
+def test_item9_bad_inputs_are_clear_errors_or_skips(tiny, tmp_path, monkeypatch):
+    """Item 9: tracebacks for a truncated text-encoder safetensors, a Latin-1 JSONL, a decompression-bomb PNG
+    (the run died instead of skipping the item), a malformed dori_world.json, unusable --out / --json, a
+    --clip folder with a pickle, a Wanda mask path with ../ (item 6)."""
+    import json
+
+    import numpy as np
+    import PIL.Image
+    from PIL import Image
+
+    from dori.commands.validate import check_writable_file
+    from dori.data.sets import user_set
+    from dori.models.loading import load_model, save_model
+    from dori.runs import RunDir
+
+    folder = save_model(tiny, tmp_path / "m")
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(DoriError, match="could not load the model"):
+        load_model(str(folder))
+    folder = save_model(tiny, tmp_path / "m2")
+    (folder / "dori_world.json").write_text("{not json")
+    with pytest.raises(DoriError, match="dori_world.json is malformed"):
+        load_model(str(folder))
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"prompt": "café"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DoriError, match="not UTF-8"):
+        user_set(latin)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffprompt,image\na thing,x.png\n".encode())
+    assert user_set(bom)[0].prompt == "a thing"  # item 10: a BOM is not "row 1 has no 'prompt'"
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "bomb.png")
+    (tmp_path / "bomb.jsonl").write_text(json.dumps({"id": "b", "prompt": "p", "image": "bomb.png"}))
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 50)  # 256 pixels: over twice the limit, a "bomb"
+    item = user_set(tmp_path / "bomb.jsonl")[0]
+    assert item.image is None and "decompression bomb" in item.skip_reason.lower()
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad in (a_file, a_file / "sub", "/proc/dori-reliab-test"):
+        with pytest.raises(DoriError, match="run folder|cannot"):
+            RunDir(bad, {"a": 1})
+    for bad in (tmp_path, a_file / "out.json", "/proc/dori-reliab-test/out.json"):
+        with pytest.raises(DoriError, match="--json"):
+            check_writable_file(str(bad), "--json")
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    torch.save({"w": torch.ones(1)}, clip / "pytorch_model.bin")
+    from dori.metrics.backends import CLIPAligner
+
+    with pytest.raises(DoriError, match="only pickle files: pytorch_model.bin"):
+        CLIPAligner(clip)
+
+
+def test_item10_messages_say_what_happened(tmp_path, monkeypatch):
+    """Item 10: a relative model path that does not exist was reported as a missing hub id; a failed --download
+    said "add --download"."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from dori.models.loading import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DoriError, match=r"'runs/model' is not a folder \(.*runs/model does not exist\)"):
+        load_model("runs/model")
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DoriError, match=r"could not download org/model \(--download was given\)") as err:
+        load_model("org/model", allow_download=True)
+    assert "add --download" not in str(err.value)
+
+
+def _nemo_folder(folder, layer, refined, model_sha=None):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    item = {"id": "it0", "memorized": True, "kept_seeds": [0], "initial": {layer: refined}, "initial_score": 0.5,
+            "refined": {layer: refined}, "refined_score": 0.4}  # fmt: skip
+    data = {"method": "nemo", "layers": [layer], "config": {"scale": 0.0}, "items": {"it0": item}}
+    (folder / "nemo.json").write_text(json.dumps(data))
+    if model_sha is not None:
+        (folder / "config.json").write_text(json.dumps({"model_sha": model_sha}))
+    return folder
+
+
+def test_item6_mitigations_are_tied_to_their_model(tiny, tmp_path):
+    """Item 6: NeMo neurons fitted on one model were applied to another without a check (or crashed with
+    IndexError); negative or fractional neuron indices were accepted; a Wanda mask path with ../ was
+    followed outside its folder."""
+    import json
+
+    from dori.mitigations import load_mitigation
+    from dori.models.builders import build_tiny_random
+    from dori.models.identity import weights_fingerprint
+
+    layer = next(n for n, _ in tiny.unet.named_modules() if n.endswith("attn2.to_v"))
+    width = dict(tiny.unet.named_modules())[layer].out_features
+    fitted = load_mitigation(f"nemo:{_nemo_folder(tmp_path / 'ok', layer, [0, 1])}")
+    with fitted.applied(tiny, ["it0"]):
+        pass  # fits: no record of the fitted model (an older fit), indices in range
+    too_big = load_mitigation(f"nemo:{_nemo_folder(tmp_path / 'big', layer, [width + 3])}")
+    with (
+        pytest.raises(DoriError, match=f"has {width} channels, index {width + 3}"),
+        too_big.applied(tiny, ["it0"]),
+    ):
+        pass
+    for bad in ([-1], [1.5], ["2"]):
+        with pytest.raises(DoriError, match="not non-negative integers"):
+            load_mitigation(f"nemo:{_nemo_folder(tmp_path / 'bad', layer, bad)}")
+    other = build_tiny_random(seed=7)  # same architecture, other weights
+    tied = load_mitigation(
+        f"nemo:{_nemo_folder(tmp_path / 'tied', layer, [0], weights_fingerprint(other, coarse=True))}"
+    )
+    with pytest.raises(DoriError, match="fitted on another model"), tied.applied(tiny, ["it0"]):
+        pass
+    with tied.applied(other.to(dtype=torch.bfloat16), ["it0"]):
+        pass  # the same weights in another dtype are the same model
+    (tmp_path / "ok" / "nemo.json").write_text('{"method": "nemo", "items": {"it0": {"id": ')
+    with pytest.raises(DoriError, match="nemo.json is corrupt"):
+        load_mitigation(f"nemo:{tmp_path / 'ok'}")
+
+    wanda = tmp_path / "wanda"
+    (wanda / "masks").mkdir(parents=True)
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    entry = {"file": "../../outside.safetensors", "shapes": {}, "counts": {}}
+    (wanda / "wanda.json").write_text(
+        json.dumps({"method": "wanda", "groups": {"g": ["it0"]}, "masks": {"g": entry}})
+    )
+    with pytest.raises(DoriError, match="is not a file name in"):
+        load_mitigation(f"wanda:{wanda}")

@@ -78,12 +78,15 @@ def run(args) -> int:
     items = load_set(args.set, model=model, limit=args.limit)
     if not items:
         raise DoriError(f"set {args.set!r} has no items")
+    from dori.models.identity import weights_fingerprint
+
     common = {
         "method": args.method,
         "model": args.model,
         "set": args.set,
         "limit": args.limit,
         "dtype": args.dtype,
+        "model_sha": weights_fingerprint(model, coarse=True),  # ties the fit to these weights (any dtype)
     }
     if args.method == "nemo":
         return _run_nemo(args, model, items, common, RunDir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
 
 from dori.errors import DoriError
 
@@ -91,6 +92,11 @@ def validate_args(args: argparse.Namespace) -> None:
         elif isinstance(value, str):
             if dest in NOT_EMPTY and not value.strip():
                 raise DoriError(f"{flag} is empty; leave the option out for its default")
+            out = Path(value).expanduser()
+            if dest == "out" and value.strip() and out.exists() and not out.is_dir():
+                raise DoriError(f"--out {value} is a file, not a folder")
+            if dest == "json" and value.strip():
+                check_writable_file(value, "--json")
             if dest == "scaling_norm" and value != "auto":
                 try:
                     number = float(value)
@@ -102,3 +108,24 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise DoriError(
                     f"--device {value!r} is not a device dori runs on: use cpu, cuda, cuda:N or mps"
                 )
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """Fail now, not after hours of work, when ``path`` cannot be written: it is a folder, or its folder
+    cannot be made or written to (a probe file is created there and removed).
+
+    Raises:
+        DoriError: naming the option and the reason.
+    """
+    import os
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise DoriError(f"{flag} {path} is a folder; give a file name")
+    probe = target.parent / f".dori-probe-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DoriError(f"{flag} {path} cannot be written ({err.strerror or err})") from err

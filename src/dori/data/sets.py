@@ -17,6 +17,7 @@ checked to decode). A missing image marks the item skipped with its reason; the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,10 +50,12 @@ class Item:
     def image(self) -> torch.Tensor | None:
         """The training image (3, H, W) float in [0, 1], or None (see ``skip_reason``)."""
         if self._image is None and self._loader is not None and self.skip_reason is None:
-            try:
+            try:  # the one place a bad item becomes a skip with its reason; the run goes on
                 self._image = self._loader(self)
             except DoriError as err:
                 self.skip_reason = str(err)
+            except Exception as err:  # an unforeseen decoder/IO failure is still this item's, not the run's
+                self.skip_reason = f"cannot load its image ({type(err).__name__}: {str(err)[:200]})"
         return self._image
 
     def with_image(self, image: torch.Tensor) -> Item:
@@ -68,7 +71,7 @@ def load_image_file(path: str | Path, size: int | None = None) -> torch.Tensor:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # bombs: PIL's pixel limit
         raise DoriError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -142,8 +145,15 @@ def user_set(path: str | Path, image_size: int | None = None) -> list[Item]:
     if not path.exists():
         raise DoriError(f"item file {path} does not exist")
     rows: list[dict] = []
+    try:  # UTF-8, with or without a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DoriError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from err
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -154,14 +164,14 @@ def user_set(path: str | Path, image_size: int | None = None) -> list[Item]:
                 raise DoriError(f"{path}:{n}: expected an object with 'prompt' and 'image'")
             rows.append(row)
     elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
         raise DoriError(f"item file {path} must end in .jsonl or .csv")
     items = []
     for n, row in enumerate(rows, 1):
         if not row.get("prompt"):
-            raise DoriError(f"{path}: row {n} has no 'prompt'")
+            columns = ", ".join(repr(k) for k in row) or "none"
+            raise DoriError(f"{path}: row {n} has no 'prompt' (its fields: {columns})")
         img = row.get("image")
         ref = str((path.parent / img).resolve()) if img else None
         item = Item(
