@@ -135,7 +135,7 @@ def test_item2_finetune_refuses_a_finished_run_of_other_settings(tmp_path, capsy
     assert main([*base, "--iterations", "1"]) == 0
     first = _unet_bytes(out)
     assert main([*base, "--iterations", "2"]) == 2
-    assert "other settings" in capsys.readouterr().err and "settings" in capsys.readouterr().err + "settings"
+    assert "other settings or data (settings)" in capsys.readouterr().err
     assert main([*base, "--iterations", "1", "--negative-guidance", "3"]) == 2
     assert _unet_bytes(out) == first
     other = _model_folder(tmp_path / "M2", seed=1)  # same settings, other input weights
