@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    try:
+        validate_args(args)  # the one check of command-line numbers, before any work
+    except DoriError as err:
+        print(f"dori: error: {err}", file=sys.stderr)
+        return 2
     with _ranks(args):
         try:
-            validate_args(args)  # the one check of command-line numbers, before any work
             return int(args.func(args) or 0)
         except DoriError as err:
             print(f"dori: error: {err}", file=sys.stderr)
