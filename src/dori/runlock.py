@@ -4,7 +4,8 @@
   host, start time), instead of both writing results unknowingly.
 * The lock belongs to the process: a killed process releases it (the kernel drops ``flock`` locks), so a
   resume is never blocked by a stale file; several objects of one process share it (counted).
-* ``torchrun`` jobs: only rank 0 takes the lock and records its job id (``TORCHELASTIC_RUN_ID``); ranks > 0
+* ``torchrun`` jobs: only rank 0 takes the lock and records its job id (``TORCHELASTIC_RUN_ID``, or the
+  rendezvous ``MASTER_ADDR:MASTER_PORT`` under other launchers); ranks > 0
   of the same job do not lock, they check that the holder is their own job's rank 0 (waiting briefly for it),
   so the ranks of one job share one folder and a rank of another job is refused.
 """
@@ -31,7 +32,10 @@ def _job() -> tuple[str | None, int, int]:
     """(job id, rank, world size) from torchrun's environment (None, 0, 1 outside torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
-    return os.environ.get("TORCHELASTIC_RUN_ID"), rank, world
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job is None and world > 1 and os.environ.get("MASTER_PORT"):  # other launchers: the rendezvous address
+        job = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ['MASTER_PORT']}"
+    return job, rank, world
 
 
 def _holder(path: Path) -> dict:
