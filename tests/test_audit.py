@@ -300,7 +300,12 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     )  # fmt: skip
     assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
     prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
-    assert all(p.endswith(it.prompt) and p != it.prompt for p, it in zip(prompts, items, strict=True))
+    # the reference's decoded prompt: k tokens, then the prompt's tokens that fit (8 positions here)
+    kept = [
+        tiny.tokenizer.decode(tiny.tokenizer(it.prompt, add_special_tokens=False).input_ids[:3])
+        for it in items
+    ]
+    assert all(p.endswith(k) and p != it.prompt for p, k, it in zip(prompts, kept, items, strict=True))
     # the reference's early stop: a prompt whose generation passes the threshold ends the item's search
     assert [run.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [None] * len(items)  # 0.7: none
     always = Backends(FakeCopy(), -2.0, FakeAligner(), FakeInception())  # every cosine passes -2
@@ -309,7 +314,9 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
         tiny, items, "toy", always, run2, config, attack="unlearndiffatk",
         uda=UnlearnDiffAtk(timesteps=2, iterations=2), progress=False,
     )  # fmt: skip
-    assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [1] * len(items)
+    # the reference first judges the unattacked prompt: when it already replicates, it is kept
+    assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [0] * len(items)
+    assert [run2.get(f"uda.none.{it.id}")["prompt"] for it in items] == [it.prompt for it in items]
 
 
 def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from dori import distributed
 from dori.attacks.dori import Dori, initial_embeddings
+from dori.attacks.unlearndiffatk import resize_center_crop
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.evaluation import (
@@ -128,7 +129,9 @@ def run_unlearndiffatk(
     embeddings; returns the embeddings of the found discrete prompts (N, tokens, dim).
 
     With ``backends``, an item stops at the first timestep whose current prompt already replicates (the
-    reference's early stop, :func:`uda_success`), so the prompt kept is the first one that succeeded.
+    reference's early stop, :func:`uda_success`), so the prompt kept is the first one that succeeded; an item
+    whose unattacked prompt already replicates keeps that prompt (``stopped_at`` 0), as in the reference.
+    Targets are resized on their shorter side and centre-cropped, as the reference's dataset does.
     """
     todo = distributed.my_share(
         [j for j, it in enumerate(items) if not run.artifact(uda_artifact(mkey, it.id)).exists()]
@@ -137,7 +140,9 @@ def run_unlearndiffatk(
     for lo in range(0, len(todo), per_call):
         group = todo[lo : lo + per_call]
         seeds = [dori_seed(config.seed, indices[j]) for j in group]
-        x0 = model.encode_images(torch.stack([resize_to(items[j].image, model.image_size) for j in group]))
+        x0 = model.encode_images(
+            torch.stack([resize_center_crop(items[j].image, model.image_size) for j in group])
+        )
         ids = [items[j].id for j in group]
         ctx = mitigation(ids if per_item else None) if mitigation is not None else contextlib.nullcontext()
         success = None
