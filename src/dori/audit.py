@@ -379,7 +379,7 @@ def run_audit(
             groups += [(f"{set_name}/{k}", [r for r in records if r["kind"] == k]) for k in kinds]
         tag = setting.key if setting.attack == "none" else mkey
         for name, group in groups:
-            row = summarize(group, setting, name, backends.threshold)
+            row = summarize(group, setting, name, backends.threshold, config.a_clip)
             if setting.attack == "dori":
                 for r in group:
                     if r["item"] not in curves:
@@ -387,7 +387,11 @@ def run_audit(
                 ratios = [float(curves[r["item"]][setting.dori_steps - 1]) for r in group]
                 row["dori_norm_ratio"] = M.median_mad(ratios)
             if tag in util:
-                row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
+                row.update(
+                    fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name,
+                    fid_reference=f"{utility.name}: {util[tag]['n_reference']} reference images, "
+                    f"{util[tag]['n_generated']} generations",
+                )  # fmt: skip
             rows.append(row)
     return {
         "rows": rows,

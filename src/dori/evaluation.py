@@ -57,16 +57,26 @@ class EvalConfig:
         sampling: DDIM steps, guidance and UNet batch size (50, 7.0).
         seed: the base seed (see module docstring).
         feature_batch: images per feature-model call.
+        jpeg: score generations after a JPEG round trip at this quality (NeMo saves its generations as
+            JPEG, PIL's default quality 75), or None to score the uint8 images as generated.
+        a_clip: per-item aggregation of A_CLIP in the rows: ``median`` (NeMo's script, with its
+            lower-middle median across items too) or ``mean`` (mean per item, midpoint median across items).
     """
 
     n_gens: int = 10
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
     feature_batch: int = 64
+    jpeg: int | None = None
+    a_clip: str = "median"
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_gens < DORI_SEED_OFFSET:
             raise DoriError(f"n_gens must be in [1, {DORI_SEED_OFFSET - 1}], got {self.n_gens}")
+        if self.jpeg is not None and not 1 <= self.jpeg <= 95:
+            raise DoriError(f"jpeg quality must be in [1, 95], got {self.jpeg}")
+        if self.a_clip not in ("median", "mean"):
+            raise DoriError(f"a_clip aggregation must be median or mean, got {self.a_clip!r}")
 
     def describe(self) -> dict:
         return {
@@ -75,6 +85,10 @@ class EvalConfig:
             "steps": self.sampling.steps,
             "guidance": self.sampling.guidance,
             "uncond": "null prompt",
+            "scored_as": "uint8" if self.jpeg is None else f"JPEG quality {self.jpeg} (PIL), as NeMo",
+            "a_clip": "per-item median, median across items (NeMo's compute_prompt_alignment.py)"
+            if self.a_clip == "median"
+            else "per-item mean, median across items",
             "seed": self.seed,
             "seeds": f"seed + {SEED_STRIDE} * item_index + k (k < n_gens); "
             f"Dori: seed + {SEED_STRIDE} * item_index + {DORI_SEED_OFFSET}; "
@@ -237,6 +251,8 @@ def evaluate_items(
                 )
             require_finite(images.float(), "generated images", setting.key, ids)
             gens = to_uint8(images)
+            if config.jpeg is not None:
+                gens = M.jpeg_roundtrip(gens, config.jpeg)
             imgs = list(gens.float() / 255)
             feats = embed(backends.copy_detector, imgs, config.feature_batch)
             require_finite(feats, "copy-detector features of the generations", setting.key, ids)
@@ -321,8 +337,14 @@ def score_item(
     return record
 
 
-def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshold: float) -> dict:
-    """One table row (the audit schema) from per-item records: median ± MAD across items."""
+def summarize(
+    records: Sequence[dict], setting: Setting, set_name: str, threshold: float, a_clip: str = "median"
+) -> dict:
+    """One table row (the audit schema) from per-item records: median ± MAD across items.
+
+    ``a_clip``: ``median`` = NeMo's script (per-item median, lower-middle median ± deviation across
+    items); ``mean`` = per-item mean, midpoint median ± MAD across items. The row names the one used.
+    """
     maxes = [r["sscd_orig"]["max"] for r in records]
     bad = [r.get("item", "?") for r in records if not math.isfinite(float(r["sscd_orig"]["max"]))]
     if bad:  # a record from an older run or a tampered file: never summarized into a clean rate
@@ -331,7 +353,11 @@ def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshol
             "non-finite scores, so no rate is reported for it; delete those result files to recompute them"
         )
     gen = [r["sscd_gen"]["max"] for r in records if r.get("sscd_gen")]
-    clip = [r["a_clip"]["mean"] for r in records if r.get("a_clip")]
+    with_clip = [r["a_clip"] for r in records if r.get("a_clip")]
+    if a_clip == "median":
+        clip_row = M.lower_median_mad([c.get("median", c["mean"]) for c in with_clip]) if with_clip else None
+    else:
+        clip_row = M.median_mad([c["mean"] for c in with_clip]) if with_clip else None
     return {
         "setting": setting.label,
         "key": setting.key,
@@ -346,7 +372,8 @@ def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshol
         "sscd_orig_item_median": M.median_mad([r["sscd_orig"]["median"] for r in records]),
         "sscd_gen": M.median_mad(gen) if gen else None,
         "d_sscd": M.median_mad([r["d_sscd"]["mean"] for r in records]),
-        "a_clip": M.median_mad(clip) if clip else None,
+        "a_clip": clip_row,
+        "a_clip_aggregation": a_clip,
         "fid": None,
         "kid": None,
     }

@@ -49,6 +49,14 @@ def add_parser(sub) -> None:
     )
     g = p.add_argument_group("protocol")
     g.add_argument("--n-gens", type=int, default=10, help="generations per item (paper: 10)")
+    g.add_argument(
+        "--jpeg", type=int, nargs="?", const=75, default=None, metavar="QUALITY",
+        help="score generations after a JPEG round trip, as NeMo saves them (PIL default quality 75)",
+    )  # fmt: skip
+    g.add_argument(
+        "--a-clip", choices=["median", "mean"], default="median",
+        help="A_CLIP per item: median (NeMo's compute_prompt_alignment.py) or mean",
+    )  # fmt: skip
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (paper: 50)")
     g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (paper: 7)")
     g.add_argument("--batch-size", type=int, default=64, help="images per UNet batch when sampling")
@@ -157,6 +165,8 @@ def run(args) -> int:
         n_gens=args.n_gens,
         sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.batch_size),
         seed=args.seed,
+        jpeg=args.jpeg,
+        a_clip=args.a_clip,
     )
     if args.norm_ball is not None and args.norm_ball <= 0:
         raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
