@@ -292,6 +292,7 @@ def run_audit(
     utility: Utility | None = None,
     progress: bool = True,
     uda=None,
+    paraphrases: dict[str, list[str]] | None = None,
 ) -> dict:
     """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol"}``.
 
@@ -305,6 +306,9 @@ def run_audit(
             item of ``items``).
         snapshots: Dori steps evaluated besides the last.
         utility: prompts and reference images for FID/KID (needs ``backends.features``).
+        paraphrases: item id -> paraphrases of its prompt: adds the concept utility of Table 12
+            (``a_concept`` per model state, ``fid_concept`` of the mitigated state against the unmitigated
+            one; :mod:`dori.concept_utility`).
     """
     usable, indices, skipped = [], [], []
     for idx, item in enumerate(items):
@@ -369,6 +373,17 @@ def run_audit(
                 model, utility.prompts, utility.reference, backends, run, tag, config,
                 mitigation=ctx if tag != "none" else None, progress=progress,
             )  # fmt: skip
+    concept = {}
+    if paraphrases is not None:
+        from dori.concept_utility import concept_utility
+
+        for tag in dict.fromkeys(s.key if s.attack == "none" else mkey for s in settings):
+            mitigated = tag != "none"
+            concept[tag] = concept_utility(
+                model, usable, indices, paraphrases, backends, run, tag, config,
+                mitigation=ctx if mitigated else None, per_item=per_item and mitigated,
+                reference="none" if mitigated else None,
+            )  # fmt: skip
     kinds = sorted({it.kind for it in usable})
     rows = []
     curves: dict[str, torch.Tensor] = {}  # item -> norm ratio per Dori step, read once for every Dori row
@@ -392,6 +407,13 @@ def run_audit(
                     fid_reference=f"{utility.name}: {util[tag]['n_reference']} reference images, "
                     f"{util[tag]['n_generated']} generations",
                 )  # fmt: skip
+            if tag in concept:
+                per = [run.get(f"concept.{tag}.{r['item']}")["a_concept"] for r in group]
+                row.update(
+                    a_concept=M.median_mad(per),
+                    fid_concept=concept[tag]["fid_concept"] if name == set_name else None,
+                    concept_generations=concept[tag]["n_generations"],
+                )
             rows.append(row)
     return {
         "rows": rows,

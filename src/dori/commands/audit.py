@@ -54,6 +54,11 @@ def add_parser(sub) -> None:
         help="score generations after a JPEG round trip, as NeMo saves them (PIL default quality 75)",
     )  # fmt: skip
     g.add_argument(
+        "--paraphrases", default=None, metavar="FILE|world",
+        help="concept utility (Table 12): paraphrases per item id (JSON / JSON lines), or 'world' on the miniworld",
+    )  # fmt: skip
+    g.add_argument("--paraphrases-n", type=int, default=5, help="world paraphrases per item (5)")
+    g.add_argument(
         "--a-clip", choices=["median", "mean"], default="median",
         help="A_CLIP per item: median (NeMo's compute_prompt_alignment.py) or mean",
     )  # fmt: skip
@@ -214,6 +219,7 @@ def run(args) -> int:
         utility=_utility(args, model),
         progress=args.progress,
         uda=UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations),
+        paraphrases=_paraphrases(args.paraphrases, args.paraphrases_n, items),
     )
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return 0
@@ -226,3 +232,14 @@ def run(args) -> int:
     report = build_report(run_dir.path)
     print(f"report: {report}", file=sys.stderr)
     return 0
+
+
+def _paraphrases(spec: str | None, n: int, items) -> dict | None:
+    """``--paraphrases``: None, ``world`` (the miniworld's grammar) or a file (item id -> paraphrases)."""
+    from dori.concept_utility import load_paraphrases, world_paraphrases
+
+    if spec is None:
+        return None
+    if spec == "world":
+        return world_paraphrases([it for it in items if it.skip_reason is None], n)
+    return load_paraphrases(spec)
