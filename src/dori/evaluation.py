@@ -15,6 +15,17 @@ Batching. Items are generated together (one ``model.sample`` call over several i
 mitigation is per item (NeMo/Wanda neuron sets differ per item), in which case each item runs in its
 own mitigation context. Feature extraction runs in batches.
 
+Reference: NeMo's scripts (ml-research/localizing_memorization_in_diffusion_models @ f952ede). A_CLIP is
+aggregated as ``metrics/compute_prompt_alignment.py`` does (per item the ``torch.median`` of the generations'
+cosines, then median ± deviation across items with ``torch.median``; ``a_clip="mean"`` is the named
+alternative); ``jpeg=75`` scores generations after the JPEG save NeMo stores them with. FID/KID rows name
+their reference set and its size. Deviations from the reference: SSCD_gen (max over generations) and D_SSCD
+(mean pairwise cosine) follow the paper's text, not NeMo's scripts (medians); the other columns take the
+midpoint median across items where NeMo's scripts take ``torch.median`` (the lower middle value for an even
+count); seeds are one per generation (below), where NeMo uses seed 2 and the same 10 latents for every prompt;
+generations are scored as uint8 in memory unless ``jpeg`` is set; the paper's FID uses 30k COCO prompts, the
+shipped ``coco`` set holds 10k.
+
 Resume. Each finished (setting, item) writes ``results/item.<setting>.<item>.json`` and the artifact
 ``artifacts/gen.<setting>.<item>.safetensors`` (uint8 images and copy-detector features, read by the
 report and by SSCD_gen); a rerun skips finished items. Utility (FID/KID) features are saved per chunk.
