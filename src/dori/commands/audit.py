@@ -47,6 +47,22 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--snapshots", default="1,10,25", help="Dori steps evaluated besides the last (comma list, or none)"
     )
+    g = p.add_argument_group("control (the audit's false-positive rate)")
+    g.add_argument(
+        "--control", default=None, metavar="SET",
+        help="also run Dori on SET, items the model did not memorize (world: heldout; SD v1.4: nonmem with "
+        "--images), at the same snapshots, into OUT/control; reports the control's replication rate per budget",
+    )  # fmt: skip
+    g.add_argument(
+        "--control-limit", type=int, default=None, help="first K control items (default: as many as audited)"
+    )
+    g.add_argument(
+        "--control-level", type=float, default=0.05,
+        help="tolerated control rate: the report names the largest step budget under it (default 0.05)",
+    )  # fmt: skip
+    g.add_argument(
+        "--detection", default=None, metavar="DIR", help="a `dori detect` run on this model to join"
+    )
     g = p.add_argument_group("protocol")
     g.add_argument("--n-gens", type=int, default=10, help="generations per item (paper: 10)")
     g.add_argument(
@@ -186,6 +202,15 @@ def run(args) -> int:
             config.sampling = sampling
         elif config.sampling.decode_batch_size is None:
             config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
+    if args.control is not None:  # refuse before any work
+        if args.attack != "dori":
+            raise DoriError("--control calibrates Dori's step budget: use it with --attack dori")
+        if init == "other":
+            raise DoriError(
+                "--control with --init prompt-of:SET is not supported (the control items need their own)"
+            )
+        if not 0.0 <= args.control_level <= 1.0:
+            raise DoriError(f"--control-level must be in [0, 1], got {args.control_level}")
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     settings.update(inputs)  # resume only on the same items, mitigation files and weights
     with distributed.main_first():  # under torchrun: rank 0 creates the run directory, the others join it
@@ -221,17 +246,61 @@ def run(args) -> int:
         uda=UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations),
         paraphrases=_paraphrases(args.paraphrases, args.paraphrases_n, items),
     )
+    control = None
+    if args.control is not None:
+        control = _control(args, model, len(items), backends, config, dori, init, snapshots, settings, result)
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return 0
     out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
+    if control is not None:
+        out["control"] = control
+    if args.detection is not None:
+        out["detection"] = args.detection
     write_json(str(run_dir.path / "audit.json"), out)
     write_json(args.json, out)
     print(format_table(result["rows"]))
+    if control is not None:
+        from dori.control import format_control
+
+        print(f"control: {args.control} ({control['n_items']} items)")
+        print(format_control(control))
     if result["skipped"]:
         print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
     report = build_report(run_dir.path)
     print(f"report: {report}", file=sys.stderr)
     return 0
+
+
+def _control(args, model, n_items, backends, config, dori, init, snapshots, settings, result) -> dict:
+    """``--control SET``: the same Dori audit on the control items into OUT/control, and
+    :func:`dori.control.control_report` of the two sets' rows (the control rate beside the MR per budget)."""
+    from dori.audit import run_audit
+    from dori.control import control_report
+    from dori.data.sets import load_set
+    from dori.runs import RunDir
+
+    items = _window(
+        load_set(args.control, model, images_dir=args.images, fetch=args.fetch),
+        0,
+        args.control_limit or n_items,
+    )
+    with distributed.main_first():
+        run = RunDir(
+            f"{args.out}/control",
+            {**settings, "role": "control", "control_items": [it.id for it in items]},
+            extra_provenance={"command": "audit --control", "model": model.name, "device": str(model.device)},
+        )
+    ctl = run_audit(
+        model, items, args.control, backends, run, config, mitigation=args.mitigation, attack="dori", dori=dori,
+        init=init, snapshots=snapshots, progress=args.progress,
+    )  # fmt: skip
+    return {
+        "set": args.control,
+        "n_items": len(items) - len(ctl["skipped"]),
+        "rows": ctl["rows"],
+        "skipped": ctl["skipped"],
+        **control_report(result["rows"], ctl["rows"], args.control_level),
+    }
 
 
 def _paraphrases(spec: str | None, n: int, items) -> dict | None:
