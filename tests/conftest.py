@@ -29,3 +29,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_BROWSER: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Record the outcome of @pytest.mark.browser tests (their call phase, or a skip in setup)."""
+    if "browser" in report.keywords and (report.when == "call" or report.skipped):
+        _BROWSER.append((report.nodeid.split("::")[-1], report.outcome))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say in the log whether the browser tests ran (CI installs chromium; a skip is visible here)."""
+    for name, outcome in _BROWSER:
+        terminalreporter.write_line(f"browser test {name}: {outcome}")

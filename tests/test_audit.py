@@ -1,5 +1,6 @@
 import contextlib
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -180,20 +181,50 @@ def test_report_command_rebuilds(cli_run, capsys):
     assert "| ↓ MR" in capsys.readouterr().out.replace("|↓", "| ↓")
 
 
+def expected_report_images(run: Path) -> int:
+    """How many images the report of an audit run must hold, counted from the run itself: the MR-vs-steps
+    plot (with Dori rows), and per item its training image, the generations of each shown setting (the
+    prompt rows and the final Dori row) and, with Dori, the loss and norm curves."""
+    audit = json.loads((run / "audit.json").read_text())
+    settings = audit["settings"]
+    dori = [s for s in settings if s["attack"] != "none"]
+    shown = [s["key"] for s in settings if s["attack"] == "none"] + (
+        [max(dori, key=lambda s: s["dori_steps"])["key"]] if dori else []
+    )
+    records = [json.loads(p.read_text()) for p in (run / "results").glob("item.*.json")]
+    total = 1 if any(r.get("dori_steps") for r in audit["rows"]) else 0
+    for item in sorted({r["item"] for r in records}):
+        total += int((run / "artifacts" / f"train.{item}.safetensors").exists())
+        total += sum(len(r["seeds"]) for r in records if r["item"] == item and r["setting"] in shown)
+        total += 2 if dori else 0  # loss and norm curves
+    return total
+
+
 @pytest.mark.browser
 def test_report_renders_in_chromium(cli_run, tmp_path):
+    """The report opened in headless Chromium: every image it must hold (counted from the run) loads, no
+    script error; the page's status is read from attributes, not page text. Needs /usr/bin/chromium (CI
+    installs Debian's package through .ci/run); skipped, and says so, where it is absent."""
     if not CHROMIUM.exists():
         pytest.skip("chromium not installed (apt-get install -y chromium)")
     run, _ = cli_run
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=10000",
              f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     out = subprocess.run(
         [str(CHROMIUM), *flags, "--dump-dom", (run / "report.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    assert 'data-status="ok"' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "images=13 broken=0 errors=0" in out.stdout
+    html_tag = re.search(r"<html[^>]*>", out.stdout)
+    assert html_tag, out.stdout[-2000:] + out.stderr[-2000:]
+    attrs = dict(re.findall(r'data-([a-z]+)="([^"]*)"', html_tag.group()))
+    expected = expected_report_images(run)
+    assert (
+        expected >= 10
+    )  # this run: the steps plot + 2 items x (training image, 2 x 2 generations, 2 curves)
+    assert attrs == {"status": "ok", "images": str(expected), "broken": "0", "errors": "0"}, attrs
+    assert len(re.findall(r"<img\b", out.stdout)) == expected
+    assert not re.search(r">[^<]*(pending|images=\d)", out.stdout)  # no status text on the page
 
 
 def _audit(
@@ -282,7 +313,12 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
     )  # fmt: skip
     assert [r["key"] for r in out["rows"]] == ["none", "none+uda"]
     prompts = [run.get(f"uda.none.{it.id}")["prompt"] for it in items]
-    assert all(p.endswith(it.prompt) and p != it.prompt for p, it in zip(prompts, items, strict=True))
+    # the reference's decoded prompt: k tokens, then the prompt's tokens that fit (8 positions here)
+    kept = [
+        tiny.tokenizer.decode(tiny.tokenizer(it.prompt, add_special_tokens=False).input_ids[:3])
+        for it in items
+    ]
+    assert all(p.endswith(k) and p != it.prompt for p, k, it in zip(prompts, kept, items, strict=True))
     # the reference's early stop: a prompt whose generation passes the threshold ends the item's search
     assert [run.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [None] * len(items)  # 0.7: none
     always = Backends(FakeCopy(), -2.0, FakeAligner(), FakeInception())  # every cosine passes -2
@@ -291,7 +327,9 @@ def test_unlearndiffatk_attack_rows(tiny, tmp_path):
         tiny, items, "toy", always, run2, config, attack=UnlearnDiffAtk(timesteps=2, iterations=2),
         progress=False,
     )  # fmt: skip
-    assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [1] * len(items)
+    # the reference first judges the unattacked prompt: when it already replicates, it is kept
+    assert [run2.get(f"uda.none.{it.id}")["stopped_at"] for it in items] == [0] * len(items)
+    assert [run2.get(f"uda.none.{it.id}")["prompt"] for it in items] == [it.prompt for it in items]
 
 
 def test_fast_flag_on_cpu_gives_the_same_rows(cli_run, tmp_path):

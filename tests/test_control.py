@@ -76,3 +76,38 @@ def test_audit_report_shows_the_control_section(tmp_path):
     (tmp_path / "audit.json").write_text(json.dumps({"model": "m", "rows": [], "control": entry}))
     page = build_report(tmp_path).read_text()
     assert "Control: Dori on heldout" in page and "Calibrated budget: <b>10</b>" in page and "0.600" in page
+
+
+def test_audit_command_runs_the_control_set(tmp_path, monkeypatch, capsys):
+    """`dori audit --attack dori --control SET`: the same search and snapshots on the control items (into
+    OUT/control), their rate per budget beside the MR, and the budget computed from those rows."""
+    import json
+
+    from tests.test_audit import CLI_ARGS, fake_backends, write_items
+
+    from dori.cli import main
+    from dori.control import control_report
+
+    items = write_items(tmp_path / "mem", n=2, missing=False)
+    control = write_items(tmp_path / "ctl", n=3, missing=False)
+    monkeypatch.setattr("dori.metrics.backends.load_backends", fake_backends)
+    out = tmp_path / "run"
+    args = ["audit", *CLI_ARGS, "--set", str(items), "--control", str(control), "--control-limit", "2",
+            "--control-level", "0.5", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    audit = json.loads((out / "audit.json").read_text())
+    ctl = audit["control"]
+    assert ctl["set"] == str(control) and ctl["n_items"] == 2 and ctl["level"] == 0.5
+    assert [c["steps"] for c in ctl["curve"]] == [0, 1, 3]  # the prompt, the snapshot, the last step
+    assert all(r["n_items"] == 2 for r in ctl["rows"])
+    assert (out / "control" / "results").is_dir() and not (out / "control" / "report.html").exists()
+    expected = control_report(audit["rows"], ctl["rows"], 0.5)
+    assert ctl["budget"] == expected["budget"] and ctl["curve"] == expected["curve"]
+    assert ctl["curve"][1]["control_norm_ratio"] is not None  # Dori rows keep the embedding-norm ratio
+    assert "Control: Dori on" in (out / "report.html").read_text()
+    assert "control:" in capsys.readouterr().out
+    # the control calibrates Dori's step budget: without Dori the command refuses (exit 2, nothing written)
+    r2 = tmp_path / "r2"
+    assert main(["audit", *CLI_ARGS, "--attack", "none", "--set", str(items), "--control", str(control),
+                 "--out", str(r2)]) == 2  # fmt: skip
+    assert not (r2 / "audit.json").exists()

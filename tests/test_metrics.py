@@ -127,3 +127,57 @@ def test_tables_mark_direction_and_missing():
     md = format_table(rows, fmt="markdown")
     assert md.splitlines()[1].startswith("|---") and md.count("\n") == 3
     assert "nemo &lt;x&gt;" in table_html(rows)
+
+
+# NeMo's compute_prompt_alignment.py (ml-research/localizing_memorization_in_diffusion_models @ f952ede), run
+# unmodified on the features below (shims: `clip` looks the features up per image file and caption, `rtpt`,
+# `pandas.read_csv`, `.to("cuda")` on the CPU; float32 where the reference's CLIP runs in fp16 on a GPU), six
+# captions of types VM, TM, VM, VM, TM, VM, ten images each; every median it took was recorded.
+NEMO_PER_ITEM = [0.804467499256134, 0.8557156920433044, 0.7725010514259338,
+                 0.8964244723320007, 0.8842371702194214, 0.7772912979125977]  # fmt: skip
+NEMO_OVERALL = (0.804467499256134, 0.031966447830200195)
+NEMO_VM = (0.7772912979125977, 0.004790246486663818)
+NEMO_TM = (0.8557156920433044, 0.0)
+
+
+def _nemo_alignment_inputs():
+    g = torch.Generator().manual_seed(2026)
+    img = torch.randn(6, 10, 16, generator=g)
+    txt = torch.randn(6, 16, generator=g)
+    return img + 1.5 * txt[:, None], txt
+
+
+def test_a_clip_aggregation_matches_nemo_script():
+    img, txt = _nemo_alignment_inputs()
+    per_item = [M.a_clip(img[i], txt[i])["median"] for i in range(6)]
+    np.testing.assert_allclose(per_item, NEMO_PER_ITEM, rtol=0, atol=1e-6)
+    for idx, (m, d) in (([0, 1, 2, 3, 4, 5], NEMO_OVERALL), ([0, 2, 3, 5], NEMO_VM), ([1, 4], NEMO_TM)):
+        got = M.lower_median_mad([per_item[i] for i in idx])
+        assert abs(got["median"] - m) < 1e-6 and abs(got["mad"] - d) < 1e-6
+    # an even count: torch's median is the lower middle value, numpy's the midpoint (dori's other metrics)
+    assert abs(M.median_mad(per_item)["median"] - NEMO_OVERALL[0]) > 1e-3
+    from dori.evaluation import Setting, summarize
+
+    records = [{"sscd_orig": {"max": 0.5, "median": 0.4}, "d_sscd": {"mean": 0.2}, "sscd_gen": None,
+                "a_clip": M.a_clip(img[i], txt[i])} for i in range(6)]  # fmt: skip
+    row = summarize(records, Setting("none", "none"), "s", 0.7)
+    assert row["a_clip_aggregation"] == "median" and abs(row["a_clip"]["median"] - NEMO_OVERALL[0]) < 1e-6
+    mean_row = summarize(records, Setting("none", "none"), "s", 0.7, a_clip="mean")
+    assert mean_row["a_clip"] == M.median_mad([M.a_clip(img[i], txt[i])["mean"] for i in range(6)])
+
+
+def test_jpeg_roundtrip_is_pil_default_save():
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    ims = (torch.rand(2, 3, 16, 16, generator=g) * 255).round().to(torch.uint8)
+    out = M.jpeg_roundtrip(ims)
+    buf = io.BytesIO()
+    Image.fromarray(ims[1].permute(1, 2, 0).numpy()).save(buf, format="JPEG")  # as NeMo: no quality given
+    buf.seek(0)
+    ref = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(out[1], ref) and out.dtype == torch.uint8 and not torch.equal(out, ims)
+    with pytest.raises(DoriError):
+        M.jpeg_roundtrip(ims.float())

@@ -400,3 +400,46 @@ def test_dori_search_batches_items_with_their_own_neurons(tiny):
             alone = dori(tiny, x0[i : i + 1], y[i : i + 1], [11 + i + 1]).embeddings
         torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got[0], make_dori_search(dori, tiny, x0, y, [11, 12, 13])(1, [{}, {}, {}])[0])
+
+
+def test_sd2_schedule_reference_stop_never_fires_on_theta():
+    """The paper's SD 2 setting (theta_min 0.25, step 0.2; Appendix H.8). The reference
+    (ml-research/localizing_memorization_in_diffusion_models @ f952ede, ``3_detect_memorized_neurons.py``
+    83-97, run with ``--min_theta 0.25 --theta_reduction_per_step 0.2``) stops the selection only when
+    ``theta == 1``; theta passes 1 as 0.9999999999999978 (recorded in that run) and ends at
+    0.19999999999999785, so k keeps rising to the maximum. ``stop="theta-min"`` stops at theta ~ 0.2."""
+    _, acts, calib = _synthetic()
+    sd2 = dict(theta_min=0.25, theta_step=0.2)
+    theta = 5.0
+    for _ in range(20):
+        theta -= 0.2
+    assert theta == 0.9999999999999978  # the reference's float drift
+    out, _ = _drive(NeMo(**sd2), acts, calib, 0.4, lambda b: 0.9)
+    assert out["k"] == 32 and out["theta"] == 0.19999999999999785  # k ran to the widest layer
+    early, _ = _drive(NeMo(**sd2, stop="theta-min"), acts, calib, 0.4, lambda b: 0.9)
+    assert early["k"] == 24 and abs(early["theta"] - 0.2) < 1e-9
+    # the default schedule reaches 1 exactly: both rules stop at the same place
+    a, _ = _drive(NeMo(), acts, calib, 0.4, lambda b: 0.9)
+    b, _ = _drive(NeMo(stop="theta-min"), acts, calib, 0.4, lambda b: 0.9)
+    assert a == b and a["k"] == 16
+    with pytest.raises(DoriError):
+        NeMo(stop="never")
+
+
+def test_duplicated_neuron_is_unblocked_at_its_second_place():
+    """As the reference's ``initial_neuron_selection`` (a neuron chosen by theta and by top-k is listed
+    twice, ``activation_detection.py`` 105-108) and ``neuron_refinement`` (``list.remove`` of one copy per
+    trial, 239-254): the order of the true trials changes, and with it the refined set."""
+    means, stds = {"L0": torch.zeros(4)}, {"L0": torch.ones(4)}
+    acts = {"L0": torch.tensor([0.1, 6.0, 0.2, 5.5])}  # z = |a|: theta 5 picks 1 and 3, top-1 picks 1
+    calib = Calibration(means, stds, 0.3, 0.1)
+
+    def score(b):  # either neuron 1 or neuron 3 blocked removes the memorization
+        return 0.1 if (1 in b["L0"] or 3 in b["L0"]) else 0.9
+
+    keep, asked = _drive(NeMo(k_start=1), acts, calib, 0.4, score)
+    assert asked[0] == {"L0": [1, 3, 1]}
+    assert keep["initial"] == {"L0": [1, 3]} and keep["refined"] == {"L0": [1]}
+    drop, asked_drop = _drive(NeMo(k_start=1, duplicates="drop"), acts, calib, 0.4, score)
+    assert asked_drop[0] == {"L0": [1, 3]} and drop["refined"] == {"L0": [3]}
+    assert len(asked) == len(asked_drop) + 1

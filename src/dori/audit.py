@@ -186,7 +186,7 @@ def run_attack(
             seeds = [dori_seed(config.seed, indices[j]) for j in group]
             prompts = [items[j].prompt for j in group]
             x0 = model.encode_images(
-                torch.stack([resize_to(items[j].image, model.image_size) for j in group])
+                torch.stack([attack.target(items[j].image, model.image_size) for j in group])
             )
             ids = [items[j].id for j in group]
             if mitigation is None:
@@ -237,6 +237,7 @@ def run_audit(
     snapshots: Sequence[int] = (1, 10, 25),
     utility: Utility | None = None,
     progress: bool = True,
+    paraphrases: dict[str, list[str]] | None = None,
 ) -> dict:
     """Run (or resume) an audit and return ``{"rows", "skipped", "settings", "protocol", ...}``.
 
@@ -250,6 +251,9 @@ def run_audit(
         init_prompts: for Dori with init ``other``, one prompt per item of ``items``.
         snapshots: attack steps evaluated besides the last (Dori).
         utility: prompts and reference images for FID/KID (needs ``backends.features``).
+        paraphrases: item id -> paraphrases of its prompt: adds the concept utility of Table 12
+            (``a_concept`` per model state, ``fid_concept`` of the mitigated state against the unmitigated
+            one; :mod:`dori.concept_utility`).
     """
     if mitigation is not None and mitigation.name == "none":
         mitigation = None
@@ -303,6 +307,17 @@ def run_audit(
                 model, utility.prompts, utility.reference, backends, run, tag, config,
                 mitigation=ctx if tag != "none" else None, progress=progress,
             )  # fmt: skip
+    concept = {}
+    if paraphrases is not None:
+        from dori.concept_utility import concept_utility
+
+        for tag in dict.fromkeys(s.key if s.attack == "none" else mkey for s in settings):
+            mitigated = tag != "none"
+            concept[tag] = concept_utility(
+                model, usable, indices, paraphrases, backends, run, tag, config,
+                mitigation=ctx if mitigated else None, per_item=per_item and mitigated,
+                reference="none" if mitigated else None,
+            )  # fmt: skip
     kinds = sorted({it.kind for it in usable})
     rows = []
     curves: dict[str, torch.Tensor] = {}  # item -> norm ratio per Dori step, read once for every Dori row
@@ -313,7 +328,7 @@ def run_audit(
             groups += [(f"{set_name}/{k}", [r for r in records if r["kind"] == k]) for k in kinds]
         tag = setting.key if setting.attack == "none" else mkey
         for name, group in groups:
-            row = summarize(group, setting, name, backends.threshold)
+            row = summarize(group, setting, name, backends.threshold, config.a_clip)
             if setting.attack == "dori":
                 for r in group:
                     if r["item"] not in curves:
@@ -321,7 +336,18 @@ def run_audit(
                 ratios = [float(curves[r["item"]][setting.dori_steps - 1]) for r in group]
                 row["dori_norm_ratio"] = M.median_mad(ratios)
             if tag in util:
-                row.update(fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name)
+                row.update(
+                    fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name,
+                    fid_reference=f"{utility.name}: {util[tag]['n_reference']} reference images, "
+                    f"{util[tag]['n_generated']} generations",
+                )  # fmt: skip
+            if tag in concept:
+                per = [run.get(f"concept.{tag}.{r['item']}")["a_concept"] for r in group]
+                row.update(
+                    a_concept=M.median_mad(per),
+                    fid_concept=concept[tag]["fid_concept"] if name == set_name else None,
+                    concept_generations=concept[tag]["n_generations"],
+                )
             rows.append(row)
     return {
         "rows": rows,

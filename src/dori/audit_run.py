@@ -16,6 +16,7 @@ from pathlib import Path
 from dori import distributed
 from dori.attacks.base import Attack
 from dori.audit import Utility, run_audit
+from dori.control import DEFAULT_LEVEL, control_report
 from dori.data.images import EXTENSIONS
 from dori.data.sets import Item, load_image_file, load_set
 from dori.errors import DoriError
@@ -85,6 +86,11 @@ def audit_to_folder(
     model_label: str | None = None,
     progress: bool = True,
     report: bool = True,
+    paraphrases: dict[str, list[str]] | None = None,
+    control: Sequence[Item] | None = None,
+    control_name: str | None = None,
+    control_level: float = DEFAULT_LEVEL,
+    detection: str | Path | None = None,
 ) -> dict:
     """Run (or resume) an audit into ``out``; returns the ``audit.json`` content.
 
@@ -93,6 +99,12 @@ def audit_to_folder(
             default: the attack's and mitigation's settings and the protocol.
         model_label: the model's name in the JSON (default ``model.name``).
         report: also write ``out/report.html``.
+        paraphrases: item id -> paraphrases of its prompt: adds Table 12's concept utility (see ``run_audit``).
+        control / control_name: items the model did not memorize (a world's ``heldout``). The same audit
+            (attack, mitigation, snapshots, seeds) runs on them into ``out/control``; ``audit.json["control"]``
+            holds their rows and :func:`dori.control.control_report`: the control's replication rate beside
+            the MR per step budget, and the largest budget whose control rate stays <= ``control_level``.
+        detection: a ``dori detect`` run directory whose scores the report joins (same model only).
     """
     from dori.mitigations.base import spec
 
@@ -127,8 +139,27 @@ def audit_to_folder(
     result = run_audit(
         model, items, set_name, backends, run, config, mitigation=mitigation, attack=attack,
         init_prompts=init_prompts, snapshots=snapshots, utility=utility, progress=progress,
+        paraphrases=paraphrases,
     )  # fmt: skip
     data = {"model": label, "set": set_name, **result, "provenance": run.provenance}
+    if control is not None:
+        control_settings = None
+        if settings is not None:
+            control_settings = {**settings, "role": "control", "control_items": [it.id for it in control]}
+        ctl = audit_to_folder(
+            Path(out) / "control", model, control, control_name or "control", backends, config,
+            mitigation=mitigation, attack=attack, snapshots=snapshots, settings=control_settings,
+            model_label=model_label, progress=progress, report=False,
+        )  # fmt: skip
+        data["control"] = {
+            "set": control_name or "control",
+            "n_items": len(control) - len(ctl["skipped"]),
+            "rows": ctl["rows"],
+            "skipped": ctl["skipped"],
+            **control_report(result["rows"], ctl["rows"], control_level),
+        }
+    if detection is not None:
+        data["detection"] = str(detection)
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return data
     atomic_write_text(run.path / "audit.json", json.dumps(data, indent=2, default=str))

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from dori.commands.validate import validate_args
 from dori.errors import DoriError
 
 COMMANDS = [
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    try:
+        validate_args(args)  # the one check of command-line numbers, before any work
+    except DoriError as err:
+        print(f"dori: error: {err}", file=sys.stderr)
+        return 2
     with _ranks(args):
         try:
             return int(args.func(args) or 0)

@@ -15,6 +15,17 @@ Batching. Items are generated together (one ``model.sample`` call over several i
 mitigation is per item (NeMo/Wanda neuron sets differ per item), in which case each item runs in its
 own mitigation context. Feature extraction runs in batches.
 
+Reference: NeMo's scripts (ml-research/localizing_memorization_in_diffusion_models @ f952ede). A_CLIP is
+aggregated as ``metrics/compute_prompt_alignment.py`` does (per item the ``torch.median`` of the generations'
+cosines, then median ± deviation across items with ``torch.median``; ``a_clip="mean"`` is the named
+alternative); ``jpeg=75`` scores generations after the JPEG save NeMo stores them with. FID/KID rows name
+their reference set and its size. Deviations from the reference: SSCD_gen (max over generations) and D_SSCD
+(mean pairwise cosine) follow the paper's text, not NeMo's scripts (medians); the other columns take the
+midpoint median across items where NeMo's scripts take ``torch.median`` (the lower middle value for an even
+count); seeds are one per generation (below), where NeMo uses seed 2 and the same 10 latents for every prompt;
+generations are scored as uint8 in memory unless ``jpeg`` is set; the paper's FID uses 30k COCO prompts, the
+shipped ``coco`` set holds 10k.
+
 Resume. Each finished (setting, item) writes ``results/item.<setting>.<item>.json`` and the artifact
 ``artifacts/gen.<setting>.<item>.safetensors`` (uint8 images and copy-detector features, read by the
 report and by SSCD_gen); a rerun skips finished items. Utility (FID/KID) features are saved per chunk.
@@ -23,6 +34,7 @@ report and by SSCD_gen); a rerun skips finished items. Utility (FID/KID) feature
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -59,16 +71,26 @@ class EvalConfig:
         sampling: DDIM steps, guidance and UNet batch size (50, 7.0).
         seed: the base seed (see module docstring).
         feature_batch: images per feature-model call.
+        jpeg: score generations after a JPEG round trip at this quality (NeMo saves its generations as
+            JPEG, PIL's default quality 75), or None to score the uint8 images as generated.
+        a_clip: per-item aggregation of A_CLIP in the rows: ``median`` (NeMo's script, with its
+            lower-middle median across items too) or ``mean`` (mean per item, midpoint median across items).
     """
 
     n_gens: int = 10
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
     feature_batch: int = 64
+    jpeg: int | None = None
+    a_clip: str = "median"
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_gens < DORI_SEED_OFFSET:
             raise DoriError(f"n_gens must be in [1, {DORI_SEED_OFFSET - 1}], got {self.n_gens}")
+        if self.jpeg is not None and not 1 <= self.jpeg <= 95:
+            raise DoriError(f"jpeg quality must be in [1, 95], got {self.jpeg}")
+        if self.a_clip not in ("median", "mean"):
+            raise DoriError(f"a_clip aggregation must be median or mean, got {self.a_clip!r}")
 
     def describe(self) -> dict:
         return {
@@ -77,6 +99,10 @@ class EvalConfig:
             "steps": self.sampling.steps,
             "guidance": self.sampling.guidance,
             "uncond": "null prompt",
+            "scored_as": "uint8" if self.jpeg is None else f"JPEG quality {self.jpeg} (PIL), as NeMo",
+            "a_clip": "per-item median, median across items (NeMo's compute_prompt_alignment.py)"
+            if self.a_clip == "median"
+            else "per-item mean, median across items",
             "seed": self.seed,
             "seeds": f"seed + {SEED_STRIDE} * item_index + k (k < n_gens); "
             f"Dori: seed + {SEED_STRIDE} * item_index + {DORI_SEED_OFFSET}; "
@@ -156,6 +182,24 @@ def embed(
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+def require_finite(values: torch.Tensor, what: str, setting: str, ids: Sequence[str]) -> None:
+    """Refuse non-finite values (one block per item along dim 0): a NaN image decodes black and scores as
+    "not memorized", so reporting it would be a false all-clear. The error names the setting and the items.
+
+    Raises:
+        DoriError: some item's values hold NaN or inf.
+    """
+    flat = values.detach().reshape(len(ids), -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if bool(bad.any()):
+        names = [i for i, b in zip(ids, bad.tolist(), strict=True) if b]
+        raise DoriError(
+            f"setting {setting!r}: the {what} of {len(names)} item(s) ({', '.join(names[:5])}) are not finite "
+            "(NaN or inf), so this setting was not measured and no result is reported for it; check its numbers "
+            "(Dori learning rate, guidance, norm ball, dtype)"
+        )
+
+
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
@@ -212,23 +256,30 @@ def evaluate_items(
                     cond = model.encode_text([items[j].prompt for j in group])
                 else:
                     cond = embeddings[group]
+                require_finite(cond.float(), "conditioning embeddings", setting.key, ids)
                 images = model.sample(
                     cond.repeat_interleave(n, dim=0),
                     seeds,
                     config.sampling,
                     progress=lambda k, d=done: bar.update(d + k - bar.n),
                 )
+            require_finite(images.float(), "generated images", setting.key, ids)
             gens = to_uint8(images)
+            if config.jpeg is not None:
+                gens = M.jpeg_roundtrip(gens, config.jpeg)
             imgs = list(gens.float() / 255)
             feats = embed(backends.copy_detector, imgs, config.feature_batch)
+            require_finite(feats, "copy-detector features of the generations", setting.key, ids)
             trains = [_training_image(items[j], run) for j in group]
             train_feats = embed(
                 backends.copy_detector, [t.float() / 255 for t in trains], config.feature_batch
             )
+            require_finite(train_feats, "copy-detector features of the training images", setting.key, ids)
             clip_img = clip_txt = None
             if backends.aligner is not None:
                 clip_img = embed(backends.aligner.image_features, imgs, config.feature_batch)
                 clip_txt = backends.aligner.text_features([items[j].prompt for j in group]).float().cpu()
+                require_finite(clip_img, "CLIP features", setting.key, ids)
             for pos, j in enumerate(group):
                 sl = slice(pos * n, (pos + 1) * n)
                 record = score_item(
@@ -300,11 +351,27 @@ def score_item(
     return record
 
 
-def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshold: float) -> dict:
-    """One table row (the audit schema) from per-item records: median ± MAD across items."""
+def summarize(
+    records: Sequence[dict], setting: Setting, set_name: str, threshold: float, a_clip: str = "median"
+) -> dict:
+    """One table row (the audit schema) from per-item records: median ± MAD across items.
+
+    ``a_clip``: ``median`` = NeMo's script (per-item median, lower-middle median ± deviation across
+    items); ``mean`` = per-item mean, midpoint median ± MAD across items. The row names the one used.
+    """
     maxes = [r["sscd_orig"]["max"] for r in records]
+    bad = [r.get("item", "?") for r in records if not math.isfinite(float(r["sscd_orig"]["max"]))]
+    if bad:  # a record from an older run or a tampered file: never summarized into a clean rate
+        raise DoriError(
+            f"setting {setting.key!r}: the results of {len(bad)} item(s) ({', '.join(map(str, bad[:5]))}) hold "
+            "non-finite scores, so no rate is reported for it; delete those result files to recompute them"
+        )
     gen = [r["sscd_gen"]["max"] for r in records if r.get("sscd_gen")]
-    clip = [r["a_clip"]["mean"] for r in records if r.get("a_clip")]
+    with_clip = [r["a_clip"] for r in records if r.get("a_clip")]
+    if a_clip == "median":
+        clip_row = M.lower_median_mad([c.get("median", c["mean"]) for c in with_clip]) if with_clip else None
+    else:
+        clip_row = M.median_mad([c["mean"] for c in with_clip]) if with_clip else None
     return {
         "setting": setting.label,
         "key": setting.key,
@@ -319,7 +386,8 @@ def summarize(records: Sequence[dict], setting: Setting, set_name: str, threshol
         "sscd_orig_item_median": M.median_mad([r["sscd_orig"]["median"] for r in records]),
         "sscd_gen": M.median_mad(gen) if gen else None,
         "d_sscd": M.median_mad([r["d_sscd"]["mean"] for r in records]),
-        "a_clip": M.median_mad(clip) if clip else None,
+        "a_clip": clip_row,
+        "a_clip_aggregation": a_clip,
         "fid": None,
         "kid": None,
     }
@@ -374,6 +442,9 @@ def utility_scores(
                         config.sampling,
                         progress=lambda k, d=done: bar.update(d + k - bar.n),
                     )
+                require_finite(
+                    images.float().reshape(1, -1), "FID generations", tag, [f"utility prompts {lo}+"]
+                )
                 feats = embed(backends.features, list(to_uint8(images).float() / 255), config.feature_batch)
                 atomic_save_tensors(path, {"features": feats})
             else:

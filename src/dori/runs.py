@@ -13,6 +13,7 @@ file (writes go to a temporary name and are renamed), so nothing is lost or dupl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -30,13 +31,21 @@ from dori.errors import DoriError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``text`` to ``path`` through a temporary file and a rename (a reader never sees half a file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DoriError(f"cannot write {path}: {err.strerror or err}") from err
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # never a temp file left behind
+        raise DoriError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -49,9 +58,25 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors artifact; a truncated or corrupt file is an error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DoriError(
+            f"{path} is corrupt or unreadable ({type(err).__name__}: {str(err)[:160]}); delete it and run the "
+            "same command again to recompute it"
+        ) from err
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file of a run folder; a corrupt one is an error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DoriError(f"{path} is corrupt ({type(err).__name__}: {str(err)[:160]})") from err
 
 
 def git_hash() -> str:
@@ -87,10 +112,17 @@ def provenance(extra: dict | None = None) -> dict:
 
 
 _KEY = re.compile(r"[^A-Za-z0-9_.+-]")
+_MAX_KEY = 180  # bytes of a file name made from a key (file systems allow 255)
 
 
 def safe_key(key: str) -> str:
-    return _KEY.sub("_", key)
+    """A file name for a key, one-to-one: characters outside ``[A-Za-z0-9_.+-]`` become ``%XX`` (their UTF-8
+    bytes), so ``a/b`` and ``a b`` get different files; a name over 180 bytes is cut and ends in ``%~`` and a
+    hash of the whole key. Keys of plain characters (every built-in id) are unchanged."""
+    out = _KEY.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), key)
+    if len(out) > _MAX_KEY:
+        out = out[: _MAX_KEY - 20] + "%~" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:18]
+    return out
 
 
 class RunDir:
@@ -99,26 +131,35 @@ class RunDir:
     def __init__(
         self, path: str | Path, config: dict[str, Any] | None = None, extra_provenance: dict | None = None
     ):
+        from dori.runlock import RunLock
+
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DoriError(f"cannot use run folder {self.path}: {err.strerror or err}") from err
+        if not self.path.is_dir():
+            raise DoriError(f"run folder {self.path} is not a folder")
+        self.lock = RunLock(self.path)  # one process (or one torchrun job) writes a run folder at a time
         (self.path / "results").mkdir(exist_ok=True)
         (self.path / "artifacts").mkdir(exist_ok=True)
         cfg_file = self.path / "config.json"
         if config is not None:
             cfg = json.loads(json.dumps(config, default=str))
             if cfg_file.exists():
-                old = json.loads(cfg_file.read_text())
+                old = read_json(cfg_file)
                 changed = sorted(
                     k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k) and k not in _NON_BINDING
                 )
                 if changed:
+                    what = [_CONTENT.get(k, k) for k in changed]
                     raise DoriError(
-                        f"run directory {self.path} was made with other settings ({', '.join(changed)}); "
-                        "use a new --out or delete it"
+                        f"run directory {self.path} was made with other settings ({', '.join(what)}); "
+                        "its results are not reused: use a new --out or delete it"
                     )
             else:
                 atomic_write_text(cfg_file, json.dumps(cfg, indent=2))
-        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        self.config = read_json(cfg_file) if cfg_file.exists() else {}
         prov_file = self.path / "provenance.json"
         if not prov_file.exists():
             atomic_write_text(prov_file, json.dumps(provenance(extra_provenance), indent=2))
@@ -128,7 +169,17 @@ class RunDir:
         return self.path / "results" / f"{safe_key(key)}.json"
 
     def has(self, key: str) -> bool:
-        return self.result_path(key).exists()
+        """Whether a readable result exists; a corrupt one is named, set aside (``.corrupt``) and recomputed."""
+        path = self.result_path(key)
+        if not path.exists():
+            return False
+        try:
+            read_json(path)
+        except DoriError as err:
+            path.replace(path.with_name(path.name + ".corrupt"))
+            print(f"dori: warning: {err}; set aside as {path.name}.corrupt and recomputed", file=sys.stderr)
+            return False
+        return True
 
     def put(self, key: str, value: dict) -> None:
         atomic_write_text(self.result_path(key), json.dumps(value, indent=1, default=_json_default))
@@ -137,11 +188,11 @@ class RunDir:
         path = self.result_path(key)
         if not path.exists():
             raise DoriError(f"no result {key!r} in {self.path}")
-        return json.loads(path.read_text())
+        return read_json(path)
 
     def results(self, prefix: str = "") -> Iterator[tuple[str, dict]]:
         for path in sorted((self.path / "results").glob(f"{safe_key(prefix)}*.json")):
-            yield path.stem, json.loads(path.read_text())
+            yield path.stem, read_json(path)
 
     # artifacts -------------------------------------------------------------
     def artifact(self, name: str) -> Path:
@@ -149,9 +200,14 @@ class RunDir:
 
     @property
     def provenance(self) -> dict:
-        return json.loads((self.path / "provenance.json").read_text())
+        return read_json(self.path / "provenance.json")
 
 
+_CONTENT = {  # config keys that fingerprint content (dori.fingerprint): what changed, in words
+    "items_sha": "items_sha: the items' prompts or images changed",
+    "mitigation_sha": "mitigation_sha: the mitigation's files changed",
+    "model_sha": "model_sha: the model's weights changed",
+}
 _NON_BINDING = {"progress", "json", "out", "workers", "batch_size", "device"}
 
 

@@ -38,7 +38,13 @@ class World:
         path = folder / WORLD_FILE
         if not path.exists():
             raise DoriError(f"{folder} is not a miniworld (no {WORLD_FILE})")
-        return cls(folder, json.loads(path.read_text()))
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DoriError(f"{path} is malformed ({err})") from err
+        if not isinstance(info, dict):
+            raise DoriError(f"{path} is malformed (not a JSON object)")
+        return cls(folder, info)
 
     @classmethod
     def find(cls, folder: str | Path) -> World | None:

@@ -80,6 +80,11 @@ class Attack(Protocol):
         """The item of each UNet row of a call on ``ids`` (for a row-wise mitigation)."""
         ...
 
+    def target(self, image: torch.Tensor, size: int) -> torch.Tensor:
+        """A training image (3, H, W) in [0, 1] prepared as this attack's reference prepares its targets, at
+        the model's ``size`` (Dori: resized; UnlearnDiffAtk: shorter side resized, centre-cropped)."""
+        ...
+
     def run(
         self,
         model: T2IModel,

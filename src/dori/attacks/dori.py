@@ -101,6 +101,12 @@ class Dori:
         """Item i fills ``batch_size`` consecutive rows of each UNet batch."""
         return [i for i in ids for _ in range(self.batch_size)]
 
+    def target(self, image: torch.Tensor, size: int) -> torch.Tensor:
+        """The training image resized (bicubic, antialiased) to the model's size."""
+        from dori.data.images import resize_to
+
+        return resize_to(image, size)
+
     def run(
         self,
         model: T2IModel,

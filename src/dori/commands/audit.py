@@ -51,8 +51,37 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--snapshots", default="1,10,25", help="Dori steps evaluated besides the last (comma list, or none)"
     )
+    g = p.add_argument_group("control (the audit's false-positive rate)")
+    g.add_argument(
+        "--control", default=None, metavar="SET",
+        help="also run Dori on SET, items the model did not memorize (world: heldout; SD v1.4: nonmem with "
+        "--images), at the same snapshots, into OUT/control; reports the control's replication rate per budget",
+    )  # fmt: skip
+    g.add_argument(
+        "--control-limit", type=int, default=None, help="first K control items (default: as many as audited)"
+    )
+    g.add_argument(
+        "--control-level", type=float, default=0.05,
+        help="tolerated control rate: the report names the largest step budget under it (default 0.05)",
+    )  # fmt: skip
+    g.add_argument(
+        "--detection", default=None, metavar="DIR", help="a `dori detect` run on this model to join"
+    )
     g = p.add_argument_group("protocol")
     g.add_argument("--n-gens", type=int, default=10, help="generations per item (paper: 10)")
+    g.add_argument(
+        "--jpeg", type=int, nargs="?", const=75, default=None, metavar="QUALITY",
+        help="score generations after a JPEG round trip, as NeMo saves them (PIL default quality 75)",
+    )  # fmt: skip
+    g.add_argument(
+        "--paraphrases", default=None, metavar="FILE|world",
+        help="concept utility (Table 12): paraphrases per item id (JSON / JSON lines), or 'world' on the miniworld",
+    )  # fmt: skip
+    g.add_argument("--paraphrases-n", type=int, default=5, help="world paraphrases per item (5)")
+    g.add_argument(
+        "--a-clip", choices=["median", "mean"], default="median",
+        help="A_CLIP per item: median (NeMo's compute_prompt_alignment.py) or mean",
+    )  # fmt: skip
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (paper: 50)")
     g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (paper: 7)")
     g.add_argument("--batch-size", type=int, default=64, help="images per UNet batch when sampling")
@@ -117,6 +146,7 @@ def run(args) -> int:
     from dori.audit_run import audit_to_folder, utility_set, window
     from dori.data.sets import load_set
     from dori.evaluation import EvalConfig
+    from dori.fingerprint import run_inputs
     from dori.metrics.backends import load_backends
     from dori.mitigations import load_mitigation
     from dori.models.pipeline import SamplingConfig
@@ -126,11 +156,14 @@ def run(args) -> int:
     model = load_model_from_args(args)
     items = window(load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit)
     init, other = _init(args.init, model, len(items))
+    inputs = run_inputs(items, model, args.mitigation)  # before the fast path casts the weights
     backends = load_backends(model, sscd=args.sscd, clip=args.clip, inception=args.inception)
     config = EvalConfig(
         n_gens=args.n_gens,
         sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.batch_size),
         seed=args.seed,
+        jpeg=args.jpeg,
+        a_clip=args.a_clip,
     )
     mitigation = None if args.mitigation == "none" else load_mitigation(args.mitigation)
     attack = _attack(args, init, model, len(items), config)
@@ -139,17 +172,50 @@ def run(args) -> int:
         utility = utility_set(
             args.utility_set, model, args.n_utility, args.utility_skip, args.reference_images
         )
+    control = None
+    if args.control is not None:  # refuse before any work
+        if args.attack != "dori":
+            raise DoriError("--control calibrates Dori's step budget: use it with --attack dori")
+        if init == "other":
+            raise DoriError(
+                "--control with --init prompt-of:SET is not supported (the control items need their own)"
+            )
+        if not 0.0 <= args.control_level <= 1.0:
+            raise DoriError(f"--control-level must be in [0, 1], got {args.control_level}")
+        control = window(
+            load_set(args.control, model, images_dir=args.images, fetch=args.fetch),
+            0,
+            args.control_limit or len(items),
+        )
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings.update(inputs)  # resume only on the same items, mitigation files and weights
     result = audit_to_folder(
         args.out, model, items, args.set, backends, config, mitigation=mitigation, attack=attack,
-        snapshots=snapshots, utility=utility, init_prompts=other,
-        settings={k: v for k, v in vars(args).items() if k != "func"}, model_label=args.model,
-        progress=args.progress,
+        snapshots=snapshots, utility=utility, init_prompts=other, settings=settings, model_label=args.model,
+        progress=args.progress, paraphrases=_paraphrases(args.paraphrases, args.paraphrases_n, items),
+        control=control, control_name=args.control, control_level=args.control_level, detection=args.detection,
     )  # fmt: skip
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return 0
     write_json(args.json, result)
     print(format_table(result["rows"]))
+    if result.get("control"):
+        from dori.control import format_control
+
+        print(f"control: {args.control} ({result['control']['n_items']} items)")
+        print(format_control(result["control"]))
     if result["skipped"]:
         print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
     print(f"report: {args.out}/report.html", file=sys.stderr)
     return 0
+
+
+def _paraphrases(spec: str | None, n: int, items) -> dict | None:
+    """``--paraphrases``: None, ``world`` (the miniworld's grammar) or a file (item id -> paraphrases)."""
+    from dori.concept_utility import load_paraphrases, world_paraphrases
+
+    if spec is None:
+        return None
+    if spec == "world":
+        return world_paraphrases([it for it in items if it.skip_reason is None], n)
+    return load_paraphrases(spec)

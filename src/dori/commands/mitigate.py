@@ -81,13 +81,16 @@ def _items(args, model):
     return items
 
 
-def _run_config(args) -> dict:
+def _run_config(args, model) -> dict:
+    from dori.models.identity import weights_fingerprint
+
     return {
         "method": args.method,
         "model": args.model,
         "set": args.set,
         "limit": args.limit,
         "dtype": args.dtype,
+        "model_sha": weights_fingerprint(model, coarse=True),  # ties the fit to these weights (any dtype)
     }
 
 
@@ -107,7 +110,7 @@ def run_nemo(args) -> int:
     if args.iterative > 1:
         rounds = fit_nemo_iterative(
             model, items, args.out, nemo, args.iterative, args.dori_steps, args.calibration_set,
-            run_config=_run_config(args), progress=args.progress,
+            run_config=_run_config(args, model), progress=args.progress,
         )  # fmt: skip
         if not distributed.is_main():
             return 0
@@ -123,7 +126,7 @@ def run_nemo(args) -> int:
         write_json(args.json, {"method": "nemo", "out": args.out, "iterative": per_round, **nemo.settings()})
         return 0
     result = fit_nemo(
-        model, items, args.out, nemo, args.calibration_set, args.chunk, run_config=_run_config(args),
+        model, items, args.out, nemo, args.calibration_set, args.chunk, run_config=_run_config(args, model),
         progress=args.progress,
     )  # fmt: skip
     if not distributed.is_main():
@@ -155,7 +158,9 @@ def run_wanda(args) -> int:
         sparsity=args.sparsity, timesteps=args.timesteps, guidance=args.guidance,
         seed=0 if args.seed is None else args.seed, batch_size=args.batch_size or 8,
     )  # fmt: skip
-    result = fit_wanda(model, items, args.out, wanda, args.group, _run_config(args), progress=args.progress)
+    result = fit_wanda(
+        model, items, args.out, wanda, args.group, _run_config(args, model), progress=args.progress
+    )
     if not distributed.is_main():
         return 0
     counts = {gid: sum(m.count().values()) for gid, m in result.masks.items()}

@@ -7,6 +7,7 @@ decode as an image; the result is cached under ``cache_dir`` so a rerun never fe
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.request
 from pathlib import Path
 
@@ -65,24 +66,52 @@ class ImageStore:
         key = item.meta.get("laion_index") or hashlib.sha1(url.encode()).hexdigest()[:16]
         target = self.cache_dir / f"{key}.img"
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "dori-audit"})
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                data = resp.read(self.max_bytes + 1)
+            data = self._read_url(url)
+        except DoriError:
+            raise
         except Exception as err:  # network failures of every kind become a skip reason
             raise DoriError(f"{item.id}: download failed ({type(err).__name__}: {err})") from err
-        if len(data) > self.max_bytes:
-            raise DoriError(f"{item.id}: image larger than {self.max_bytes} bytes")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
-        tmp.write_bytes(data)
         try:
-            load_image_file(tmp)
-        except DoriError as err:
-            tmp.unlink(missing_ok=True)
-            raise DoriError(f"{item.id}: downloaded bytes are not an image") from err
-        final = target.with_suffix(".png")
-        tmp.replace(final)
+            tmp.write_bytes(data)
+            try:
+                load_image_file(tmp)
+            except DoriError as err:
+                raise DoriError(f"{item.id}: downloaded bytes are not a usable image ({err})") from err
+            final = target.with_suffix(".png")
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)  # never a .part file left behind
         return final
+
+    def _read_url(self, url: str) -> bytes:
+        """The body of ``url``, at most ``max_bytes``, within ``timeout_s`` in all (not per read: a server
+        that trickles bytes is cut off at the deadline)."""
+        deadline = time.monotonic() + self.timeout_s
+        req = urllib.request.Request(url, headers={"User-Agent": "dori-audit"})
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            chunks, size = [], 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DoriError(f"download of {url} took longer than its {self.timeout_s:g} s deadline")
+                sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+                if sock is not None:
+                    sock.settimeout(max(0.01, left))
+                try:
+                    chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+                except TimeoutError as err:  # socket.timeout: the deadline (or the read budget) ran out
+                    raise DoriError(
+                        f"download of {url} took longer than its {self.timeout_s:g} s deadline"
+                    ) from err
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise DoriError(f"image at {url} is larger than {self.max_bytes} bytes")
+        return b"".join(chunks)
 
 
 def resize_to(image: torch.Tensor, size: int) -> torch.Tensor:

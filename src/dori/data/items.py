@@ -30,10 +30,12 @@ class Item:
     def image(self) -> torch.Tensor | None:
         """The training image (3, H, W) float in [0, 1], or None (see ``skip_reason``)."""
         if self._image is None and self._loader is not None and self.skip_reason is None:
-            try:
+            try:  # the one place a bad item becomes a skip with its reason; the run goes on
                 self._image = self._loader(self)
             except DoriError as err:
                 self.skip_reason = str(err)
+            except Exception as err:  # an unforeseen decoder/IO failure is still this item's, not the run's
+                self.skip_reason = f"cannot load its image ({type(err).__name__}: {str(err)[:200]})"
         return self._image
 
     def with_image(self, image: torch.Tensor) -> Item:
@@ -49,6 +51,6 @@ def load_image_file(path: str | Path, size: int | None = None) -> torch.Tensor:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # bombs: PIL's pixel limit
         raise DoriError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

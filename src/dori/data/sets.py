@@ -17,6 +17,7 @@ checked to decode). A missing image marks the item skipped with its reason; the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -101,8 +102,15 @@ def user_set(path: str | Path, image_size: int | None = None) -> list[Item]:
     if not path.exists():
         raise DoriError(f"item file {path} does not exist")
     rows: list[dict] = []
+    try:  # UTF-8, with or without a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DoriError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from err
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -113,14 +121,14 @@ def user_set(path: str | Path, image_size: int | None = None) -> list[Item]:
                 raise DoriError(f"{path}:{n}: expected an object with 'prompt' and 'image'")
             rows.append(row)
     elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
         raise DoriError(f"item file {path} must end in .jsonl or .csv")
     items = []
     for n, row in enumerate(rows, 1):
         if not row.get("prompt"):
-            raise DoriError(f"{path}: row {n} has no 'prompt'")
+            columns = ", ".join(repr(k) for k in row) or "none"
+            raise DoriError(f"{path}: row {n} has no 'prompt' (its fields: {columns})")
         img = row.get("image")
         ref = str((path.parent / img).resolve()) if img else None
         item = Item(
@@ -166,4 +174,6 @@ def load_set(
             raise DoriError(
                 f"unknown set {name!r}: not a set of this model's world, not one of {SD_SETS}, not a .jsonl/.csv file"
             )
+    if limit is not None and limit < 0:
+        raise DoriError(f"limit must be >= 0 (0 or None: all items), got {limit}")
     return items[:limit] if limit else items

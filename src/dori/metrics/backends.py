@@ -122,6 +122,7 @@ class CLIPAligner:
     """CLIP image and text features for A_CLIP (see module docstring)."""
 
     def __init__(self, spec: str | Path | None = None, device: str | torch.device = "cpu"):
+        from safetensors import SafetensorError
         from transformers import AutoTokenizer, CLIPModel
 
         spec = str(spec or CLIP_HUB_ID)
@@ -131,9 +132,28 @@ class CLIPAligner:
                 f"CLIP folder {local} not found: pass --clip with a folder holding {CLIP_HUB_ID} or its hub id"
             )
         source = str(local) if local.exists() else spec
+        if local.is_dir() and not any(local.glob("*.safetensors")):
+            pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            raise DoriError(
+                f"CLIP folder {local} holds no safetensors weights"
+                + (
+                    f" (only pickle files: {', '.join(pickles)}, which can run code when loaded)"
+                    if pickles
+                    else ""
+                )
+                + "; convert them to model.safetensors"
+            )
         try:
-            self.model = CLIPModel.from_pretrained(source, local_files_only=True).to(device).eval()
+            self.model = (
+                CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True)
+                .to(device)
+                .eval()
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (RuntimeError, SafetensorError) as err:
+            raise DoriError(
+                f"CLIP model {source!r} could not be loaded ({type(err).__name__}: {err})"
+            ) from err
         except (OSError, ValueError) as err:
             raise DoriError(
                 f"CLIP model {source!r} is not available offline ({type(err).__name__}); fetch it once with "

@@ -11,7 +11,9 @@ Per item (one training image, one conditioning, ``n`` generations at fixed seeds
 * ``sscd_gen``: cosine of generation k with the *unmitigated* model's generation k (same seed); max and
   median over k.
 * ``d_sscd``: mean pairwise cosine among the item's generations (Appendix H.2; lower = more diverse).
-* ``a_clip``: mean cosine between each generation's CLIP image features and the caption's text features.
+* ``a_clip``: cosine between each generation's CLIP image features and the caption's text features; the item
+  scores their median as NeMo's ``compute_prompt_alignment.py`` does (``torch.median``: for an even count
+  the lower of the two middle values), and also the mean.
 
 Across items: ``mr`` (share of items whose max SSCD_orig reaches the threshold) and the median and MAD
 (median absolute deviation, unscaled, as ``scipy.stats.median_abs_deviation``) of per-item scores.
@@ -92,6 +94,23 @@ def median_mad(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     return {"median": median(values), "mad": mad(values)}
 
 
+def lower_median(values: Sequence[float] | np.ndarray | torch.Tensor) -> float:
+    """``torch.median`` of float32 values: for an even count the lower of the two middle values (what NeMo's
+    metric scripts take), nan when empty."""
+    t = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    return float(t.median()) if t.numel() else float("nan")
+
+
+def lower_median_mad(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """NeMo's scripts' "median ± deviation" over items: ``m = x.median()``, ``(x - m).abs().median()`` in
+    float32 with ``torch.median`` (``compute_prompt_alignment.py`` 66-68, ``compute_sscd_orig.py``)."""
+    t = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if not t.numel():
+        return {"median": float("nan"), "mad": float("nan")}
+    m = t.median()
+    return {"median": float(m), "mad": float((t - m).abs().median())}
+
+
 # ---------------------------------------------------------------------------------------- per item
 @register_metric("sscd_orig", higher_is_better=False, label="SSCD_orig")
 def sscd_orig(generated: torch.Tensor, original: torch.Tensor) -> dict[str, object]:
@@ -152,10 +171,31 @@ def a_clip(image_features: torch.Tensor, text_features: torch.Tensor) -> dict[st
         text_features: (D,) or (1, D) for the caption.
 
     Returns:
-        ``{"scores": [n floats], "mean": ...}``.
+        ``{"scores": [n floats], "median": ..., "mean": ...}``; ``median`` as NeMo's script (lower middle
+        value for an even count).
     """
     scores = cosine_matrix(image_features, text_features.reshape(1, -1))[:, 0]
-    return {"scores": scores.tolist(), "mean": float(scores.mean())}
+    return {"scores": scores.tolist(), "median": float(scores.median()), "mean": float(scores.mean())}
+
+
+def jpeg_roundtrip(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) saved as JPEG and read back with PIL (NeMo saves its generations with
+    ``Image.save(".jpg")``: quality 75, PIL's default, and 4:2:0 chroma subsampling)."""
+    import io
+
+    from PIL import Image
+
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise DoriError(
+            f"jpeg_roundtrip needs uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.permute(1, 2, 0).cpu().numpy()).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 # ------------------------------------------------------------------------------------------ across items

@@ -34,6 +34,7 @@ from dori.safeload import load_state
 
 STATE = "train_state.pt"
 CONFIG = "finetune_config.json"
+_LOCKS: dict = {}  # fine-tuning folders this process writes (dori.runlock), held for the process's life
 
 
 def check_output(out: Path, sources: Sequence[str | Path] = ()) -> None:
@@ -67,9 +68,15 @@ def check_config(out: Path, binding: dict, sources: Sequence[str | Path] = ()) -
 
     Also refuses an ``out`` that is an input model's folder or holds another model (:func:`check_output`).
     """
+    from dori.runlock import RunLock
+
     out = Path(out)
     check_output(out, sources)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DoriError(f"cannot use --out {out}: {err.strerror or err}") from err
+    _LOCKS.setdefault(str(out.resolve()), RunLock(out))  # one writing process per folder, held until exit
     cfg_file = out / CONFIG
     binding = json.loads(json.dumps(binding, default=str))
     if cfg_file.exists():

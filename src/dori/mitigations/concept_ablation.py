@@ -38,6 +38,8 @@ Deviations from the reference:
   miniworld: its stand-in), compared with the same rule (similarity <= ``anchor_threshold``);
 * anchors are generated per image from seeded noise (the reference: the global generator, batches of 4,
   fp16 on a GPU) and at the model's own size (the reference: 512 px);
+* the loss mask uses the model's own pixel-to-latent factor (the reference hard-codes SD's 8; the
+  miniworld's VAE downsamples by 4);
 * one model ablates all memorized prompts together (Finding Dori's setting); the reference runs one concept
   (or a list) per run; dori's draws (order, flips, noise) come from its own seeded generators.
 """

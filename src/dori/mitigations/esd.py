@@ -33,7 +33,7 @@ Deviations from the reference:
   VM items; the reference erases one concept per run;
 * the trained UNet is returned (and saved) in the input model's dtype after training in ``dtype``;
 * ``resolution`` is the reference's 1024 px by default; the miniworld recipe uses the world's own size
-  (64 px): 1024 px is 16x a miniworld image's side (and the miniworld recipe runs in float32, ``dtype``);
+  (32 px; 1024 px is 32x its side);
 * the ``ddim`` scheduler (dori's earlier choice) is available as ``scheduler="ddim"``.
 """
 

@@ -9,8 +9,8 @@ blocks (7 layers on SD v1.4); blocking scales it by 0 for every token. For one p
     z_l      = |a_l - mu_l| / sigma_l     a_l: token-reduced to_v output, (mu, sigma): OOD statistics
     initial selection: theta = 5, k = 0; repeat
         B = {z > theta} + top-k per layer;  if score(B) <= tau: stop
-        theta -= 0.25 (while theta > 1); k += 1
-        if theta reached 1 or k >= max neurons: stop, refinement threshold := score(B)
+        theta -= 0.25 (while theta > theta_min = 1); k += 1
+        if theta == 1 or k >= max neurons: stop, refinement threshold := score(B)
     refinement: for each layer (last first): unblock it; drop it if the score stays < threshold;
                 then for each remaining neuron: unblock it; drop it if the score stays < threshold
 
@@ -23,12 +23,26 @@ Variants (``variant=``):
   DDIM timestep without guidance; activations reduced as mean over tokens of ``|a|``; the top-k on the raw
   activations, not on z; the threshold from noise differences with guidance 7 and the reference's swapped
   CFG chunks; the loop stops when theta *reaches* 1, so theta = 1 itself is never evaluated.
+
+Reference behaviour whatever the variant (named options give the alternatives):
+
+* ``stop="reference"``: the selection loop stops when theta equals 1 exactly (``theta == 1``,
+  ``3_detect_memorized_neurons.py`` 95, whatever ``theta_min``) or k reaches the maximum. With the paper's
+  SD 2 setting (theta_min 0.25, step 0.2, Appendix H.8) theta drifts past 1 (0.9999999999999978) and the
+  reference keeps raising k; ``stop="theta-min"`` stops when theta reaches ``theta_min`` instead (about 0.2
+  there; dori's earlier behaviour). Identical for the default schedule (5 - 16 x 0.25 = 1 exactly).
+* ``duplicates="keep"``: a neuron chosen both by theta and by top-k is listed twice, as in the reference;
+  refinement then walks the list with duplicates and unblocks one copy per trial (``list.remove``), so such
+  a neuron is only truly unblocked at its second place in the list. ``duplicates="drop"`` lists it once
+  (dori's earlier behaviour), which can change the refinement order and so the refined set. The lists
+  returned are de-duplicated either way (blocking a channel twice is blocking it once).
 * ``paper`` follows the paper's description: the first DDIM timestep with classifier-free guidance 7,
   activations as the signed mean over tokens (|z| then measures the deviation), top-k on z, and the same
   noise settings for the threshold. Our reading of the text; the loop structure is the reference's.
 
-Deviations common to both: neuron lists are de-duplicated (the reference lists a neuron twice when both
-theta and top-k select it; blocking is unchanged); the noise differences of all prompts and seeds being
+Deviations from the reference (both variants): k stops at the widest value layer, not at the
+reference's constant 1280 (equal on SD v1.4 and 2; on smaller models each further step would block every
+neuron again and score the same); the noise differences of all prompts and seeds being
 evaluated are computed in shared UNet batches (per-row masks); MS-SSIM falls back to a smaller window on
 models whose latents are smaller than 44 x 44 (:func:`dori.metrics.ssim.ms_ssim_settings`).
 """
@@ -77,6 +91,10 @@ _CALIBRATIONS: dict[tuple, Calibration] = {}
 __all__ = ["VARIANTS", "NeMo", "NeMoItem", "NeMoResult"]
 
 
+def _unique(blocking: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {layer: list(dict.fromkeys(v)) for layer, v in blocking.items()}
+
+
 @dataclass
 class NeMo:
     """NeMo's settings; the model is passed at call time (see module docstring for the algorithm).
@@ -90,6 +108,8 @@ class NeMo:
         theta_start, theta_step, theta_min: the z-score threshold schedule (5, 0.25, 1).
         k_start: initial top-k (0); use_theta / use_top_k: the reference's ``--no_theta`` / ``--no_top_k``.
         max_neurons: stop when k reaches it (None: the widest value layer, 1280 on SD v1.4).
+        stop: ``reference`` (stop at theta == 1 exactly) or ``theta-min`` (stop when theta reaches theta_min).
+        duplicates: ``keep`` (reference: list a neuron chosen twice twice) or ``drop``.
         scale: factor applied to blocked neurons (0 = deactivate).
         statistics: ``auto`` | ``reference`` | ``compute`` (see :func:`nemo_calibration.calibrate`).
         calibration_limit: use only the first N held-out prompts for the calibration.
@@ -110,6 +130,8 @@ class NeMo:
     use_theta: bool = True
     use_top_k: bool = True
     max_neurons: int | None = None
+    stop: str = "reference"
+    duplicates: str = "keep"
     scale: float = 0.0
     statistics: str = "auto"
     calibration_limit: int | None = None
@@ -123,6 +145,10 @@ class NeMo:
             raise DoriError("NeMo needs theta or top-k selection (use_theta / use_top_k both off)")
         if self.n_seeds < 2:
             raise DoriError("NeMo needs at least 2 seeds (the seed filter compares pairs)")
+        if self.stop not in ("reference", "theta-min"):
+            raise DoriError(f"NeMo stop must be reference or theta-min, got {self.stop!r}")
+        if self.duplicates not in ("keep", "drop"):
+            raise DoriError(f"NeMo duplicates must be keep or drop, got {self.duplicates!r}")
 
     def settings(self) -> dict:
         return asdict(self)
@@ -168,7 +194,7 @@ class NeMo:
             chosen = torch.nonzero(z > theta).flatten().tolist() if math.isfinite(theta) else []
             if k > 0:
                 ranking = a.abs() if self._v["topk_on"] == "activation" else z.nan_to_num(-1.0)
-                seen = set(chosen)
+                seen = set(chosen) if self.duplicates == "drop" else set()
                 chosen += [i for i in ranking.topk(min(k, a.numel())).indices.tolist() if i not in seen]
             out[layer] = chosen
         return out
@@ -192,7 +218,11 @@ class NeMo:
                     theta -= self.theta_step
                 if self.use_top_k:
                     k += 1
-            if (self.use_theta and theta <= self.theta_min + 1e-9) or k >= max_neurons:
+            if self.stop == "reference":
+                theta_done = self.use_theta and theta == 1
+            else:
+                theta_done = self.use_theta and theta <= self.theta_min + 1e-9
+            if theta_done or k >= max_neurons:
                 refine_tau = score
                 break
         current = {layer: list(v) for layer, v in blocking.items()}
@@ -201,10 +231,12 @@ class NeMo:
                 current[layer] = []
         for layer in reversed(list(current)):
             for n in list(current[layer]):
-                trial = [i for i in current[layer] if i != n]
+                trial = list(current[layer])
+                trial.remove(n)  # one copy (a neuron listed twice stays blocked until its second trial)
                 if (yield {**current, layer: trial}) < refine_tau:
                     current[layer] = trial
         final = yield current
+        blocking, current = _unique(blocking), _unique(current)
         return dict(initial=blocking, initial_score=score, refined=current, refined_score=final,
                     theta=theta if math.isfinite(theta) else None, k=k, refine_tau=refine_tau)  # fmt: skip
 

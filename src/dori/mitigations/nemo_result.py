@@ -13,7 +13,6 @@ import torch
 from dori.errors import DoriError
 from dori.mitigations import register_mitigation
 from dori.models.hooks import row_multipliers, rowwise_scale_output_channels, scale_output_channels
-from dori.models.layers import get_module
 from dori.models.pipeline import T2IModel
 
 
@@ -64,6 +63,7 @@ class NeMoResult:
     name: str = "nemo"
     per_item: bool = True
     source: str = ""
+    model_sha: str | None = None  # the fitted model's coarse weights fingerprint (config.json), if recorded
 
     def neurons(self, item_ids: Sequence[str] | None = None) -> dict[str, list[int]]:
         """Union of refined neurons over ``item_ids`` (None: all items): layer -> sorted indices."""
@@ -80,12 +80,10 @@ class NeMoResult:
     @contextlib.contextmanager
     def applied(self, model: T2IModel, item_ids: Sequence[str] | None = None) -> Iterator[None]:
         """Within the block the items' neurons are scaled by ``config['scale']`` (0); restored on exit."""
+        from dori.mitigations.fitted import check_fits
+
         blocked = {k: v for k, v in self.neurons(item_ids).items() if v}
-        try:
-            for layer in blocked:
-                get_module(model.unet, layer)
-        except KeyError as err:
-            raise DoriError(f"these NeMo neurons do not fit this model: {err}") from err
+        check_fits(self, model, blocked, "NeMo neurons")
         with scale_output_channels(model.unet, blocked, float(self.config.get("scale", 0.0))):
             yield
 
@@ -93,7 +91,10 @@ class NeMoResult:
     def applied_rows(self, model: T2IModel, row_ids: Sequence[str]) -> Iterator[None]:
         """Per-item neurons for items sharing one UNet batch: row r runs with item ``row_ids[r]``'s neurons
         blocked (the same as :meth:`applied` for that item alone, without a loop over items)."""
+        from dori.mitigations.fitted import check_fits
+
         sets = {i: self.neurons([i]) for i in dict.fromkeys(row_ids)}
+        check_fits(self, model, self.neurons(list(sets)), "NeMo neurons")
         scale = float(self.config.get("scale", 0.0))
         with rowwise_scale_output_channels(
             model.unet, row_multipliers(model.unet, [sets[i] for i in row_ids], scale)
@@ -123,17 +124,28 @@ class NeMoResult:
             raise DoriError(
                 f"{folder} holds no NeMo result (no nemo.json; run dori mitigate nemo --out {folder})"
             )
-        data = json.loads(path.read_text())
-        if data.get("method") != "nemo":
+        from dori.mitigations.fitted import check_indices, fitted_model_sha
+        from dori.runs import read_json
+
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("method") != "nemo":
             raise DoriError(f"{path} is not a NeMo result")
-        items = {k: NeMoItem(**v) for k, v in data["items"].items()}
-        return cls(
-            items,
-            data["layers"],
-            data.get("config", {}),
-            data.get("calibration", {}),
-            data.get("provenance", {}),
-        )
+        try:
+            items = {str(k): NeMoItem(**v) for k, v in data["items"].items()}
+            for it in items.values():
+                check_indices(it.initial, f"{path}: item {it.id}")
+                check_indices(it.refined, f"{path}: item {it.id}")
+            result = cls(
+                items,
+                list(data["layers"]),
+                data.get("config", {}),
+                data.get("calibration", {}),
+                data.get("provenance", {}),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise DoriError(f"{path} is not a valid NeMo result (tampered or truncated: {err})") from err
+        result.model_sha = fitted_model_sha(folder)
+        return result
 
 
 def neuron_count(result: NeMoResult) -> int:

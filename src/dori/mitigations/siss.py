@@ -46,7 +46,8 @@ Deviations from the reference:
   rescaling to ``scaling_norm``);
 * no gradient checkpointing or mixed precision settings (numerically the same in fp32); dori's draws come
   from its own seeded generators, so runs match the reference only where those are aligned (the tests);
-* on the miniworld (pixel space) there is no VAE, so no posterior sample; ``scaling_norm`` is "auto" there.
+* on the miniworld ``scaling_norm`` is "auto" (750 is SD v1.4's gradient scale); a pixel-space model has no
+  posterior to sample.
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ class SISS:
         todo = [
             it for it in items if out is None or not (Path(out) / safe_key(it.id) / "finetune.json").exists()
         ]
+        pending = {it.id for it in todo}
         for it in items:
-            if it not in todo:
+            if it.id not in pending:
                 result[it.id] = Path(out) / safe_key(it.id)
         failed: dict[str, str] = {}
         if data is None and todo:

@@ -263,6 +263,7 @@ class WandaResult:
     provenance: dict = field(default_factory=dict)
     name: str = "wanda"
     source: str = ""
+    model_sha: str | None = None  # the fitted model's coarse weights fingerprint (config.json), if recorded
 
     @property
     def per_item(self) -> bool:
@@ -287,10 +288,17 @@ class WandaResult:
     @contextlib.contextmanager
     def applied(self, model: T2IModel, item_ids: Sequence[str] | None = None) -> Iterator[None]:
         """Within the block the masked weights are 0; the original weights are restored on exit."""
+        from dori.mitigations.fitted import check_fits
+
         masks = self.masks_for(item_ids)
+        check_fits(self, model, None, "Wanda masks")
         try:
-            for layer in masks.masks:
-                get_module(model.unet, layer)
+            for layer, mask in masks.masks.items():
+                shape = tuple(get_module(model.unet, layer).weight.shape)
+                if tuple(mask.shape) != shape:
+                    raise DoriError(
+                        f"these Wanda masks do not fit this model: {layer} is {shape}, mask {tuple(mask.shape)}"
+                    )
         except KeyError as err:
             raise DoriError(f"these Wanda masks do not fit this model: {err}") from err
         with apply_weight_masks(model.unet, masks):
@@ -300,6 +308,9 @@ class WandaResult:
     def applied_rows(self, model: T2IModel, row_ids: Sequence[str]) -> Iterator[None]:
         """Per-item masks for items sharing one UNet batch: row r computes with the masks of item
         ``row_ids[r]``'s group (the same as :meth:`applied` for that item alone)."""
+        from dori.mitigations.fitted import check_fits
+
+        check_fits(self, model, None, "Wanda masks")
         where = {i: g for g, members in self.groups.items() for i in members}
         missing = [str(i) for i in row_ids if str(i) not in where]
         if missing:
@@ -332,16 +343,28 @@ class WandaResult:
             raise DoriError(
                 f"{folder} holds no Wanda result (wanda.json missing; run dori mitigate wanda --out {folder})"
             )
-        data = json.loads(path.read_text())
-        if data.get("method") != "wanda":
+        from dori.mitigations.fitted import fitted_model_sha
+        from dori.runs import read_json
+
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("method") != "wanda":
             raise DoriError(f"{path} is not a Wanda result")
         masks = {}
-        for gid, entry in data["masks"].items():
-            file = Path(folder) / "masks" / entry["file"]
-            if not file.exists():
-                raise DoriError(f"Wanda mask file {file} is missing")
-            masks[gid] = WeightMasks(unpack_masks(load_tensors(file), entry["shapes"]), {"group": gid})
-        return cls(data["groups"], masks, data.get("config", {}), data.get("provenance", {}))
+        base = (Path(folder) / "masks").resolve()
+        try:
+            for gid, entry in data["masks"].items():
+                name = str(entry["file"])
+                file = (base / name).resolve()
+                if Path(name).name != name or file.parent != base:  # a mask path never leaves masks/
+                    raise DoriError(f"{path}: mask file {name!r} of group {gid} is not a file name in {base}")
+                if not file.exists():
+                    raise DoriError(f"Wanda mask file {file} is missing")
+                masks[gid] = WeightMasks(unpack_masks(load_tensors(file), entry["shapes"]), {"group": gid})
+            result = cls(data["groups"], masks, data.get("config", {}), data.get("provenance", {}))
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+            raise DoriError(f"{path} is not a valid Wanda result (tampered or truncated: {err})") from err
+        result.model_sha = fitted_model_sha(folder)
+        return result
 
 
 def write_group_masks(folder: str | Path, n: int, masks: WeightMasks) -> dict:

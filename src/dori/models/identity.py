@@ -9,21 +9,29 @@ from pathlib import Path
 _SAMPLES = 4096  # values read per tensor (evenly strided): a fine-tune that changes a tensor changes these
 
 
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model, coarse: bool = False) -> str:
     """SHA-256 (first 16 hex digits) over names, shapes, dtypes and an even sample of every weight of the UNet,
-    text encoder and VAE. Cheap: a few thousand values per tensor (well under a second for SD)."""
+    text encoder and VAE. Cheap: a few thousand values per tensor (well under a second for SD).
+
+    ``coarse=True`` leaves the dtype out and rounds the samples to bfloat16, so the same weights loaded in fp32
+    or cast to bf16 (``--dtype bf16``, the fast path) match: what ties a fitted mitigation to its model."""
+    import torch
+
     h = hashlib.sha256()
     for part in ("unet", "text_encoder", "vae"):
         module = getattr(model, part, None)
         if module is None:
             continue
         for name, t in module.state_dict().items():
-            h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(f"{part}.{name}:{tuple(t.shape)}:{'' if coarse else t.dtype};".encode())
             flat = t.detach().reshape(-1)
             if flat.numel() == 0:
                 continue
             step = max(1, flat.numel() // _SAMPLES)
-            h.update(flat[::step].float().cpu().numpy().tobytes())
+            sample = flat[::step]
+            if coarse and sample.is_floating_point():
+                sample = sample.to(torch.bfloat16)
+            h.update(sample.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -100,24 +100,38 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> bool:
     return has_vae
 
 
-def _hub_snapshot(hub_id: str, allow_download: bool) -> Path:
+def _hub_snapshot(hub_id: str, allow_download: bool, deadline_s: float | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from dori.deadline import DOWNLOAD_DEADLINE_S, call_with_deadline
+
     patterns = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*"]
     patterns = [p for p in patterns if "safety_checker" not in p]
+    here = Path(hub_id).expanduser().resolve()
     try:
-        path = snapshot_download(hub_id, allow_patterns=patterns, local_files_only=not allow_download)
+        path = call_with_deadline(
+            lambda: snapshot_download(hub_id, allow_patterns=patterns, local_files_only=not allow_download),
+            DOWNLOAD_DEADLINE_S if deadline_s is None else deadline_s,
+            f"downloading {hub_id} (--download)" if allow_download else f"looking up {hub_id} in the cache",
+        )
     except LocalEntryNotFoundError as err:
         cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        if allow_download:
+            raise DoriError(
+                f"could not download {hub_id} (--download was given): {str(err).splitlines()[0][:200]}. "
+                f"Check the network and the hub id, or pass --model /path/to/diffusers/folder"
+            ) from err
         raise DoriError(
-            f"the weights of {hub_id} are not in the local Hugging Face cache ({cache}). On a machine with internet: "
+            f"{hub_id!r} is not a folder ({here} does not exist) and, as a hub id, not in the local Hugging Face "
+            f"cache ({cache}). If it is a hub id: on a machine with internet, "
             f"`huggingface-cli download {hub_id} --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' "
-            f"'scheduler/*' model_index.json`, then copy the cache here; or pass --model /path/to/diffusers/folder; "
-            "or add --download to fetch it now."
+            f"'scheduler/*' model_index.json`, then copy the cache here, or add --download to fetch it now."
         ) from err
+    except DoriError:
+        raise
     except Exception as err:  # network errors, bad ids: one line, no traceback
-        raise DoriError(f"could not resolve {hub_id}: {type(err).__name__}: {err}") from err
+        raise DoriError(f"could not resolve {hub_id}: {type(err).__name__}: {str(err)[:300]}") from err
     return Path(path)
 
 
@@ -173,6 +187,7 @@ def load_model(
 def load_folder(folder: Path, allow_pickle: bool = False, name: str | None = None) -> T2IModel:
     """Load a diffusers-format folder (SD or miniworld) component by component."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer, CLIPTextModel
 
     has_vae = check_folder(folder, allow_pickle)
@@ -186,8 +201,10 @@ def load_folder(folder: Path, allow_pickle: bool = False, name: str | None = Non
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
         sched = DDPMScheduler.from_pretrained(folder / "scheduler")
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe("vae")) if has_vae else None
-    except (OSError, ValueError) as err:
-        raise DoriError(f"could not load the model in {folder}: {err}") from err
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or corrupt files
+        raise DoriError(
+            f"could not load the model in {folder}: {type(err).__name__}: {str(err)[:300]}"
+        ) from err
     world = World.find(folder)
     info = dict(world.info) if world is not None else {}
     return T2IModel(

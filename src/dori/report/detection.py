@@ -140,12 +140,11 @@ def build_detection_report(run_dir: str | Path, out: str | Path | None = None) -
     prov = json.dumps(detection.get("provenance", {}), indent=1)
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        '<p id="status" data-status="pending">pending</p>',
         detection_section_html(detection),
         f"<h2>Provenance</h2><pre>{html.escape(prov)}</pre>",
     ]
     page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<!DOCTYPE html><html lang="en" data-status="pending"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
         f"<script>{_STATUS_SCRIPT}</script></head><body>{''.join(body)}</body></html>"
     )

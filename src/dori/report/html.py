@@ -4,7 +4,7 @@ It reads ``audit.json`` (the rows), ``results/item.<setting>.<item>.json`` (per-
 artifacts (``train.*``, ``gen.*`` and ``dori.*`` safetensors) and never loads a model. Images are inlined
 as base64 PNG, plots are drawn with matplotlib (Agg), captions are HTML-escaped, so the one file can be
 mailed or archived. A tiny inline script writes whether every image decoded and no script error
-occurred into ``#status`` (what the headless-browser test reads).
+occurred into attributes of ``<html>`` (``data-status``, ``data-images``: what the browser test reads).
 
 Contents: the result table; MR and SSCD_orig against Dori steps; per item (up to ``max_items``) the
 training image, the generations from its prompt (per model state) and from its final Dori embedding
@@ -174,7 +174,7 @@ def build_report(
         items.setdefault(rec["item"], {})[rec["setting"]] = rec
     order = sorted(items, key=lambda i: min(r.get("index", 0) for r in items[i].values()))
     title = title or f"dori audit: {audit.get('model', '?')} on {audit.get('set', '?')}"
-    body = [f"<h1>{html.escape(title)}</h1>", '<p id="status" data-status="pending">pending</p>', intro_html]
+    body = [f"<h1>{html.escape(title)}</h1>", intro_html]
     body.append("<h2>Results</h2>" + table_html(rows))
     main_set = rows[0]["set"] if rows else None  # per-kind rows (set "memorized/vm") are left out
     dori_rows = sorted(
@@ -204,7 +204,7 @@ def build_report(
     prov = json.dumps({k: audit.get(k) for k in ("provenance", "protocol", "dori", "backends")}, indent=1)
     body.append(f"<h2>Provenance</h2><pre>{html.escape(prov)}</pre>")
     page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<!DOCTYPE html><html lang="en" data-status="pending"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
         f"<script>{_STATUS_SCRIPT}</script></head><body>{''.join(body)}</body></html>"
     )
