@@ -52,15 +52,25 @@ def add_parser(sub) -> None:
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for generated images")
     g.add_argument("--guidance", type=float, default=7.0, help="guidance for generated images")
     g = p.add_argument_group("adversarial")
-    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--epochs", type=int, default=None, help="E (default: the method's, 8; the paper: 5)")
     g.add_argument("--steps-per-embedding", type=int, default=3, help="S (Table 16 one step: 1)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--items-per-step", type=int, default=1)
-    g.add_argument("--embeddings-per-item", type=int, default=1)
+    g.add_argument(
+        "--embeddings-per-item",
+        type=int,
+        default=None,
+        help="adversarial embeddings per item and epoch (default 2)",
+    )
     g.add_argument("--utility-set", default="unique", help="non-memorized image-caption pairs")
-    g.add_argument("--n-utility", type=int, default=None, help="first K utility pairs")
+    g.add_argument(
+        "--n-utility",
+        type=int,
+        default=2000,
+        help="first K utility pairs (default 2000, the recipes'; 0: all)",
+    )
     g.add_argument(
         "--noise-draws",
         type=int,
@@ -82,7 +92,13 @@ def add_parser(sub) -> None:
     g.add_argument("--dori-steps", type=int, default=50, help="Dori steps per search (0: the init itself)")
     g.add_argument("--dori-lr", type=float, default=0.1)
     g.add_argument("--dori-batch", type=int, default=8)
-    g.add_argument("--init-schedule", default="alternate", choices=["alternate", "prompt", "random"])
+    g.add_argument(
+        "--init-schedule",
+        default=None,
+        choices=["alternate", "prompt", "random", "both"],
+        help="Dori init per epoch (default both: one prompt-init and one random-init embedding per item; "
+        "alternate = Algorithm 2)",
+    )
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
@@ -142,14 +158,28 @@ def _surrogates(args, model, items, out: Path):
     folder = out / "surrogates"
     if (folder / "surrogates.json").exists():
         return load_surrogates(folder, items, size=model.image_size)
-    if args.surrogate_mitigation is None and args.surrogate_model is None:
-        raise DoriError(
-            "surrogate images are needed: pass --surrogates DIR, --surrogate-mitigation nemo:DIR (fit it with "
-            "`dori mitigate nemo --set ... --out DIR`), or --surrogate-model M (a model that never trained on "
-            "the items). The memorizing model alone would generate replicas."
-        )
     backends = _backends(args, model)
     similarity, threshold = embedder_similarity(backends.copy_detector), backends.threshold
+    if args.surrogate_mitigation is None and args.surrogate_model is None:
+        from dori.mitigations.self_surrogates import SelfSurrogates, surrogate_summary
+
+        policy = SelfSurrogates(
+            per_item=args.surrogates_per_item, seed=args.seed, sample_steps=args.sample_steps,
+            guidance=args.guidance,
+        )  # fmt: skip
+        surr = policy(model, items, similarity, threshold, aligner=backends.aligner)
+        summary = surrogate_summary(surr, threshold)
+        settings = {
+            "policy": "self",
+            "model": args.model,
+            "threshold": threshold,
+            "copy_detector": backends.copy_detector.name,
+            "aligner": None if backends.aligner is None else backends.aligner.name,
+            **policy.settings(),
+            "summary": {k: v for k, v in summary.items() if k != "items"},
+        }
+        surr.save(folder, settings)
+        return surr
     config = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
     other = None
     if args.surrogate_model is not None:
@@ -183,10 +213,7 @@ def _surrogates(args, model, items, out: Path):
         "per_item": args.surrogates_per_item,
         "seed": args.seed,
     }
-    from dori import distributed
-
-    if distributed.is_main():  # under torchrun every rank holds the gathered set; rank 0 writes it
-        surr.save(folder, settings)
+    surr.save(folder, settings)
     return surr
 
 
@@ -216,11 +243,7 @@ def run(args) -> int:
     items = load_set(args.set, model, images_dir=args.images, limit=args.limit)
     if not items:
         raise DoriError(f"set {args.set!r} has no items")
-    from dori.mitigations.checkpoints import check_output
-    from dori.models.identity import model_sources
-
     out = Path(args.out)
-    check_output(out, model_sources(model))  # before any work: never over the input model or another run
     out.mkdir(parents=True, exist_ok=True)
     summary = {"method": args.method, "model": args.model, "set": args.set, "out": str(out)}
     if args.method == "adversarial":
@@ -231,14 +254,13 @@ def run(args) -> int:
         esd = ESD(
             iterations=args.iterations or 200, lr=args.lr or 5e-5, negative_guidance=args.negative_guidance,
             parameters=args.parameters or "esd-x", seed=args.seed,
-            resolution=None, dtype="float32",  # the model's own size in float32 (options follow issue 20's split)
         )  # fmt: skip
         esd(model, items, out)
         summary["settings"] = esd.settings()
     elif args.method == "ca":
         from dori.mitigations.concept_ablation import ConceptAblation
 
-        similarity, _ = _replica_check(args, model)  # anchors kept at <= 0.5, the reference's rule
+        similarity, threshold = _replica_check(args, model)
         ca = ConceptAblation(
             steps=args.iterations or 400, lr=args.lr or 5e-7, parameters=args.parameters or "full-weight",
             anchor_images=args.anchor_images, seed=args.seed,
@@ -249,16 +271,14 @@ def run(args) -> int:
             out,
             anchors=_anchors(args, model, items),
             similarity=similarity,
+            threshold=threshold,
         )
         summary["settings"] = ca.settings()
     else:
         from dori.mitigations.siss import SISS
 
         scaling = None if args.scaling_norm == "auto" else float(args.scaling_norm)
-        siss = SISS(
-            steps=args.iterations or 35, lr=args.lr or 1e-5, scaling_norm=scaling, seed=args.seed,
-            variant="surrogates",
-        )  # fmt: skip
+        siss = SISS(steps=args.iterations or 35, lr=args.lr or 1e-5, scaling_norm=scaling, seed=args.seed)
         folders = siss(model, items, out, keep=_surrogates(args, model, items, out))
         summary["settings"] = siss.settings()
         summary["models"] = {k: str(v) for k, v in folders.items()}
@@ -275,20 +295,22 @@ def _adversarial(args, model, items, out: Path) -> dict:
     from dori.mitigations.adversarial_ft import AdversarialFineTuning
 
     defaults = AdversarialFineTuning()
+    schedule = args.init_schedule or defaults.init_schedule
+    per_item = args.embeddings_per_item or (defaults.embeddings_per_item if schedule == "both" else 1)
     ft = AdversarialFineTuning(
-        epochs=args.epochs,
+        epochs=args.epochs or defaults.epochs,
         steps_per_embedding=args.steps_per_embedding,
         lr=args.lr or defaults.lr,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
-        embeddings_per_item=args.embeddings_per_item,
+        embeddings_per_item=per_item,
         noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
         utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,
         dori_batch=args.dori_batch,
-        init_schedule=args.init_schedule,
+        init_schedule=schedule,
         utility_loss=not args.no_utility_loss,
         utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
         mitigation_loss=not args.no_mitigation_loss,
@@ -300,7 +322,7 @@ def _adversarial(args, model, items, out: Path) -> dict:
         autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
     )  # settings are checked here, before minutes of surrogate generation
     surr = None if args.no_mitigation_loss else _surrogates(args, model, items, out)
-    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
+    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility or None)
     check = {}
     if args.stop_mr is not None:
         from dori.models.pipeline import SamplingConfig
