@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -332,14 +333,26 @@ def run_audit(
     if attack == "dori":
         steps_needed = tuple(s.dori_steps for s in settings if s.attack == "dori")
         dori = dataclasses.replace(dori, snapshot_steps=steps_needed)
+    phases: list[dict] = []  # wall time of each phase of this call, and the items it had left to do
+
+    def pending(exists: Callable[[Item], bool]) -> int:
+        return sum(not exists(it) for it in usable)
+
     for setting in settings:
         is_mitigated = setting.mitigation != "none"
         if setting.attack == "dori" and not searched:
             others = None if other_prompts is None else [other_prompts[i] for i in indices]
+            todo, start = (
+                pending(lambda it: run.artifact(dori_artifact(mkey, it.id)).exists()),
+                time.perf_counter(),
+            )
             searched = run_dori(
                 model, usable, indices, dori, run, mkey, config, init, others,
                 ctx, per_item, progress=progress, rows=rows_ctx,
             )  # fmt: skip
+            phases.append(
+                {"phase": f"dori search ({mkey})", "seconds": time.perf_counter() - start, "items": todo}
+            )
         if setting.attack == "unlearndiffatk" and uda_embeddings is None:
             from dori.attacks.unlearndiffatk import UnlearnDiffAtk
 
@@ -347,6 +360,7 @@ def run_audit(
                 model, usable, indices, uda or UnlearnDiffAtk(), run, mkey, config, ctx, per_item,
                 backends=backends,
             )  # fmt: skip
+        todo, start = pending(lambda it, k=setting.key: run.has(f"item.{k}.{it.id}")), time.perf_counter()
         embeddings = None
         if setting.attack == "dori":
             embeddings = searched.get(setting.dori_steps)
@@ -365,6 +379,13 @@ def run_audit(
             per_item=per_item and is_mitigated,
             progress=progress,
             rows=rows_ctx if is_mitigated else None,
+        )
+        phases.append(
+            {
+                "phase": f"generate + score: {setting.key}",
+                "seconds": time.perf_counter() - start,
+                "items": todo,
+            }
         )
     util = {}
     if utility is not None:
@@ -422,6 +443,7 @@ def run_audit(
         "protocol": config.describe(),
         "dori": dori.settings() if attack == "dori" else None,
         "backends": backends.describe(),
+        "timing": {"phases": phases, "items_done": max((p["items"] for p in phases), default=0)},
     }
 
 

@@ -93,7 +93,7 @@ class FastPath:
         sdpa_backend: force one SDPA backend for the whole process (None: PyTorch's choice).
         compile: ``torch.compile`` the UNet (after the batch sizes are probed).
         memory_budget_gib: most GPU memory a search or sampling batch may bring the process to
-            (weights included); the free memory of the card bounds it too.
+            (weights included); the free memory of the card bounds it too (None: only that).
         max_dori_items: most images searched in one batch.
         max_sampling_batch: most images generated in one batch.
         decode_batch_size: images per VAE decode call (the decoder's activations are large).
@@ -104,7 +104,7 @@ class FastPath:
     channels_last: bool = False
     sdpa_backend: str | None = None
     compile: bool = False
-    memory_budget_gib: float = 32.0
+    memory_budget_gib: float | None = 32.0
     max_dori_items: int = 8
     max_sampling_batch: int = 40
     decode_batch_size: int = 8
@@ -161,12 +161,31 @@ class FastPath:
             self.compile_unet(model)
         return dori, items, config
 
+    def warm_up(self, model: T2IModel, dori: Dori, items: int, config: SamplingConfig) -> float:
+        """Run one Dori step on ``items`` targets and one sampling step of a full batch, so that a compiled
+        UNet compiles here (the shapes of the audit) and not inside the first item; returns the seconds
+        spent (the one-time cost of ``compile``)."""
+        import time
+
+        start = time.perf_counter()
+        x0 = torch.randn(items, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+        init = model.null_embedding().float().cpu().expand(items, -1, -1).clone()
+        short = Dori(steps=1, batch_size=dori.batch_size, max_micro_batch=dori.max_micro_batch)
+        short(model, x0, init, list(range(items)))
+        emb = model.null_embedding().expand(config.batch_size, -1, -1)
+        one = SamplingConfig(1, config.guidance, config.batch_size, config.decode_batch_size)
+        model.sample(emb, list(range(config.batch_size)), one)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter() - start
+
     # ------------------------------------------------------------------ memory
     def available_bytes(self, device: torch.device) -> float:
         """Bytes a workload may bring the process to: min(budget, allocated now + free on the card)."""
         free, _total = torch.cuda.mem_get_info(device)
         # what this process reserved is reusable; keep 1 GiB spare for the CUDA context and fragmentation
-        return min(self.memory_budget_gib * GIB, torch.cuda.memory_reserved(device) + free - GIB)
+        card = torch.cuda.memory_reserved(device) + free - GIB
+        return card if self.memory_budget_gib is None else min(self.memory_budget_gib * GIB, card)
 
     def dori_items(self, model: T2IModel, dori: Dori, n_items: int | None = None) -> int:
         """How many images' searches fit in one batch (probed on the CUDA device; 4 on the CPU)."""
@@ -234,29 +253,40 @@ def fast(model: T2IModel, **settings) -> FastPath:
 
 
 def add_fast_args(parser: argparse.ArgumentParser) -> None:
-    """``--fast``, ``--compile`` and ``--memory-budget-gib`` for commands that run searches or sampling."""
+    """``--fast/--no-fast``, ``--compile`` and ``--memory-budget-gib`` for commands that run searches or
+    sampling. The fast path is the default on CUDA (docs/performance.md: bf16 gives float32's results within
+    bf16 rounding at 5-8x the speed); ``--no-fast`` (or ``--dtype`` other than fp32) runs plain float32."""
     parser.add_argument(
         "--fast",
-        action="store_true",
-        help="bf16 weights and flash attention on CUDA, batches sized from free memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 UNet/VAE weights and flash attention on CUDA, batches sized from free memory "
+        "(default: on with CUDA and --dtype fp32; --no-fast: plain float32)",
     )
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="with --fast: torch.compile the UNet (about 3 min once; pays from about 140 prompts)",
+        help="with the fast path: torch.compile the UNet (compiled once at the start, its time printed; "
+        "pays on long audits, e.g. 500 prompts)",
     )
     parser.add_argument(
         "--memory-budget-gib",
         type=float,
-        default=32.0,
-        help="most GPU memory the fast path's batches may use (default 32, fits a 40 GB card)",
+        default=None,
+        help="most GPU memory the fast path's batches may use (default: the card's free memory)",
     )
 
 
 def fast_path_from_args(args: argparse.Namespace, model: T2IModel) -> FastPath | None:
-    """Apply the fast path if ``--fast`` was given; return it (or None)."""
-    if not getattr(args, "fast", False):
+    """Apply the fast path if ``--fast`` was given, or by default on CUDA with ``--dtype fp32``; return it
+    (or None). ``args.fast`` is set to the choice made, so the run's config records it."""
+    fp32 = getattr(args, "dtype", "fp32") in ("fp32", "float32")
+    choice = getattr(args, "fast", None)
+    if choice is None:
+        choice = fp32 and model.device.type == "cuda"
+    args.fast = bool(choice)
+    if not args.fast:
         return None
-    if getattr(args, "dtype", "fp32") not in ("fp32", "float32"):
+    if not fp32:
         raise DoriError("--fast chooses the dtype itself (bf16 on CUDA); drop --dtype")
     return fast(model, memory_budget_gib=args.memory_budget_gib, compile=getattr(args, "compile", False))

@@ -7,6 +7,7 @@ to ``--json``). Resumable: run the same command again to continue an interrupted
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def run(args) -> int:
     from dori.report.tables import format_table
     from dori.runs import RunDir
 
+    start = time.perf_counter()
     snapshots = _snapshots(args.snapshots)
     model = load_model_from_args(args)
     items = _window(
@@ -192,16 +194,25 @@ def run(args) -> int:
     if args.norm_ball is not None and args.norm_ball <= 0:
         raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
     dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch, norm_ball=args.norm_ball)
-    fast = fast_path_from_args(args, model)
-    if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
-        fast_dori, _, sampling = fast.prepare(  # probes the batch sizes, then compiles if --compile
+    fast = fast_path_from_args(args, model)  # the default on CUDA (bf16 weights); --no-fast: float32
+    compile_s = None
+    if fast is not None:  # batches sized from free memory; generation batches never below --batch-size
+        fast_dori, k, sampling = fast.prepare(  # probes the batch sizes, then compiles if --compile
             model, config.sampling, len(items), steps=args.steps, lr=args.lr, batch_size=args.dori_batch
         )
-        dori.max_micro_batch = max(dori.max_micro_batch, fast_dori.max_micro_batch)
+        if model.device.type == "cuda":  # the probed items per UNet batch (Dori's 256 rows would not fit)
+            dori.max_micro_batch = fast_dori.max_micro_batch
         if sampling.batch_size > config.sampling.batch_size:
             config.sampling = sampling
         elif config.sampling.decode_batch_size is None:
             config.sampling = replace(config.sampling, decode_batch_size=sampling.decode_batch_size)
+        if fast.compile and model.device.type == "cuda":
+            compile_s = fast.warm_up(model, dori, k, config.sampling)
+            print(
+                f"torch.compile: {compile_s:.1f} s once (UNet compiled for this audit's batches)",
+                file=sys.stderr,
+            )
+    ready = time.perf_counter()
     if args.control is not None:  # refuse before any work
         if args.attack != "dori":
             raise DoriError("--control calibrates Dori's step budget: use it with --attack dori")
@@ -249,9 +260,10 @@ def run(args) -> int:
     control = None
     if args.control is not None:
         control = _control(args, model, len(items), backends, config, dori, init, snapshots, settings, result)
+    timing = _timing(result.pop("timing"), ready - start, compile_s, model.device)
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
         return 0
-    out = {"model": args.model, "set": args.set, **result, "provenance": run_dir.provenance}
+    out = {"model": args.model, "set": args.set, **result, "timing": timing, "provenance": run_dir.provenance}
     if control is not None:
         out["control"] = control
     if args.detection is not None:
@@ -268,6 +280,12 @@ def run(args) -> int:
         print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
     report = build_report(run_dir.path)
     print(f"report: {report}", file=sys.stderr)
+    if timing["items_done"]:
+        line = f"{timing['items_done']} items in {timing['work_s']:.1f} s ({timing['s_per_item']:.2f} s/item"
+        line += f" on {timing['world_size']} process(es)); start-up {timing['startup_s']:.1f} s"
+        if timing.get("peak_allocated_gib") is not None:
+            line += f"; peak GPU memory {timing['peak_allocated_gib']:.1f} GiB (rank 0)"
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -312,3 +330,26 @@ def _paraphrases(spec: str | None, n: int, items) -> dict | None:
     if spec == "world":
         return world_paraphrases([it for it in items if it.skip_reason is None], n)
     return load_paraphrases(spec)
+
+
+def _timing(phases: dict, startup_s: float, compile_s: float | None, device) -> dict:
+    """Wall times of this invocation (resumed work not counted): start-up (model, probes, compiling), each
+    phase of the audit, seconds per item of the new work, and rank 0's peak GPU memory."""
+    import torch
+
+    work = sum(p["seconds"] for p in phases["phases"])
+    done = phases["items_done"]
+    out = {
+        **phases,
+        "startup_s": startup_s,
+        "compile_s": compile_s,
+        "work_s": work,
+        "s_per_item": work / done if done else None,
+        "world_size": distributed.current().world_size,
+        "device": str(device),
+    }
+    if getattr(device, "type", None) == "cuda":
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 1024**3
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 1024**3
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out

@@ -159,7 +159,7 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
         *_limit(cfg),
         "--batch-size",
         str(cfg.batch_size),
-        *(["--fast"] if cfg.fast else []),
+        "--fast" if cfg.fast else "--no-fast",
     ]
     utility = ["--utility-set", cfg.utility_set, "--n-utility", str(cfg.n_utility)]
     nonmem_limit = [] if cfg.limit else ["--limit", str(cfg.nonmem_limit)]
