@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
         net, what = resnet50(num_classes=512).eval(), "ResNet-50"
     except ImportError:  # a CPU check without torchvision: a small net (the cost is then not SSCD's)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 8, 8), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten()
+        )
         what = "small conv net (no torchvision)"
     torch.jit.trace(net, torch.rand(1, 3, 320, 320)).save(str(out / "sscd.pt"))
     print(f"{args.n} images and the SSCD stand-in ({what}) in {out}")
