@@ -196,3 +196,13 @@ def _compare_nemo(base: Path) -> None:
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
     a, b = items(base / "nemo-it-one" / "round-2"), items(base / "nemo-it-two" / "round-2")
     assert {k: v["memorized"] for k, v in a.items()} == {k: v["memorized"] for k, v in b.items()}
+
+
+def test_commands_that_are_not_sharded_refuse_torchrun(monkeypatch, capsys):
+    """Under torchrun a command without sharded items would run N whole copies into one folder: refused."""
+    from dori.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["demo"]) == 2
+    assert "runs as one process" in capsys.readouterr().err
