@@ -55,12 +55,48 @@ def test_finetune_adversarial_and_esd_write_loadable_models(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["finetune", "adversarial"], ["mitigate", "adversarial-ft"]])
-def test_finetune_without_surrogates_is_a_clear_error(tmp_path, capsys, command):
-    # `dori mitigate adversarial-ft` (the spelling) is the same command as `dori finetune adversarial`
-    mem = _set(tmp_path, "mem", 1, 0)
-    rc = main([*command, "--model", "tiny-random", "--set", str(mem), "--out", str(tmp_path / "o")])
-    assert rc == 2
-    assert "--surrogate-mitigation nemo:DIR" in capsys.readouterr().err
+def test_default_path_needs_no_surrogate_flag(tmp_path, monkeypatch, command):
+    # `dori mitigate adversarial-ft` (the spelling) is the same command as `dori finetune adversarial`;
+    # with no surrogate option the memorizing model makes its own, every one under the replication threshold
+    import torch.nn.functional as F
+
+    from dori.metrics.features import Backends
+
+    class Copy:
+        name = "pixel-copy"
+
+        def __call__(self, images):
+            x = F.interpolate(images.float(), size=(8, 8), mode="area").flatten(1)
+            return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+    class Aligner:
+        name = "mean-colour"
+
+        def image_features(self, images):
+            return F.normalize(images.float().mean((2, 3)), dim=1)
+
+        def text_features(self, prompts):
+            return F.normalize(torch.tensor([[len(p) % 5 + 1.0, 1.0, 2.0] for p in prompts]), dim=1)
+
+    threshold = 0.2  # low: a part of the tiny model's own generations count as replicas and must be left out
+    monkeypatch.setattr(
+        "dori.metrics.backends.load_backends", lambda *a, **k: Backends(Copy(), threshold, Aligner(), None)
+    )
+    mem = _set(tmp_path, "mem", 2, 0)
+    util = _set(tmp_path, "util", 3, 10)
+    out = tmp_path / "o"
+    rc = main([*command, "--model", "tiny-random", "--set", str(mem), "--utility-set", str(util), "--epochs", "1",
+               "--dori-steps", "1", "--steps-per-embedding", "1", "--sample-steps", "2", "--out", str(out),
+               "--no-progress", "--json", str(tmp_path / "adv.json")])  # fmt: skip
+    assert rc == 0
+    index = json.loads((out / "surrogates" / "surrogates.json").read_text())
+    assert index["settings"]["policy"] == "self" and index["failed"] == {}
+    assert set(index["items"]) == {"mem0", "mem1"}
+    for entry in index["items"].values():
+        assert entry["similarity"] and max(entry["similarity"]) < threshold
+        assert len(entry["alignment"]) == len(entry["similarity"]) == len(entry["source"])
+    summary = json.loads((tmp_path / "adv.json").read_text())
+    assert summary["skipped"] == {} and summary["settings"]["init_schedule"] == "both"
 
 
 def test_surrogate_model_is_the_fallback_for_items_the_mitigation_leaves_replicating(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -275,17 +276,32 @@ def run_audit(
     steps = [s.dori_steps for s in settings if attack is not None and s.attack == attack.name]
     if attack is not None:
         attack = attack.recording(steps)
+    phases: list[dict] = []  # wall time of each phase of this call, and the items it had left to do
+
+    def pending(exists: Callable[[Item], bool]) -> int:
+        return sum(not exists(it) for it in usable)
+
     for setting in settings:
         is_mitigated = setting.mitigation != "none"
         embeddings = None
         if setting.attack != "none":
             if not searched:
                 others = None if init_prompts is None else [init_prompts[i] for i in indices]
+                todo = pending(lambda it: run.artifact(attack_artifact(attack.key, mkey, it.id)).exists())
+                start = time.perf_counter()
                 searched = run_attack(
                     model, usable, indices, attack, run, config, steps, mitigation, backends, others,
                     progress=progress,
                 )  # fmt: skip
+                phases.append(
+                    {
+                        "phase": f"{attack.key} search ({mkey})",
+                        "seconds": time.perf_counter() - start,
+                        "items": todo,
+                    }
+                )
             embeddings = searched[setting.dori_steps]
+        todo, start = pending(lambda it, k=setting.key: run.has(f"item.{k}.{it.id}")), time.perf_counter()
         evaluate_items(
             model,
             usable,
@@ -299,6 +315,13 @@ def run_audit(
             per_item=per_item and is_mitigated,
             progress=progress,
             rows=rows_ctx if is_mitigated else None,
+        )
+        phases.append(
+            {
+                "phase": f"generate + score: {setting.key}",
+                "seconds": time.perf_counter() - start,
+                "items": todo,
+            }
         )
     util = {}
     if utility is not None:
@@ -356,4 +379,5 @@ def run_audit(
         "protocol": config.describe(),
         "dori": attack.settings() if attack is not None and attack.name == "dori" else None,
         "backends": backends.describe(),
+        "timing": {"phases": phases, "items_done": max((p["items"] for p in phases), default=0)},
     }

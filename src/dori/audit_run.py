@@ -91,6 +91,8 @@ def audit_to_folder(
     control_name: str | None = None,
     control_level: float = DEFAULT_LEVEL,
     detection: str | Path | None = None,
+    startup_s: float | None = None,
+    compile_s: float | None = None,
 ) -> dict:
     """Run (or resume) an audit into ``out``; returns the ``audit.json`` content.
 
@@ -105,6 +107,7 @@ def audit_to_folder(
             holds their rows and :func:`dori.control.control_report`: the control's replication rate beside
             the MR per step budget, and the largest budget whose control rate stays <= ``control_level``.
         detection: a ``dori detect`` run directory whose scores the report joins (same model only).
+        startup_s / compile_s: seconds spent before the audit (loading, probes) and compiling, for the timing.
     """
     from dori.mitigations.base import spec
 
@@ -141,7 +144,8 @@ def audit_to_folder(
         init_prompts=init_prompts, snapshots=snapshots, utility=utility, progress=progress,
         paraphrases=paraphrases,
     )  # fmt: skip
-    data = {"model": label, "set": set_name, **result, "provenance": run.provenance}
+    timing = audit_timing(result.pop("timing"), startup_s, compile_s, model.device)
+    data = {"model": label, "set": set_name, **result, "timing": timing, "provenance": run.provenance}
     if control is not None:
         control_settings = None
         if settings is not None:
@@ -218,3 +222,26 @@ def run_audit_job(out: str | Path, job: AuditJob) -> dict:
         out, model, items, job.set, load_backends(model), config, mitigation=job.mitigation, attack=job.attack,
         snapshots=job.snapshots, utility=utility, model_label=job.model, progress=job.progress,
     )  # fmt: skip
+
+
+def audit_timing(phases: dict, startup_s: float | None, compile_s: float | None, device) -> dict:
+    """Wall times of this invocation (resumed work not counted): start-up (model, probes, compiling), each
+    phase of the audit, seconds per item of the new work, and rank 0's peak GPU memory."""
+    import torch
+
+    work = sum(p["seconds"] for p in phases["phases"])
+    done = phases["items_done"]
+    out = {
+        **phases,
+        "startup_s": startup_s,
+        "compile_s": compile_s,
+        "work_s": work,
+        "s_per_item": work / done if done else None,
+        "world_size": distributed.current().world_size,
+        "device": str(device),
+    }
+    if getattr(device, "type", None) == "cuda":
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 1024**3
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 1024**3
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out

@@ -62,18 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         validate_args(args)  # the one check of command-line numbers, before any work
+        with _ranks(args):
+            return int(args.func(args) or 0)
     except DoriError as err:
         print(f"dori: error: {err}", file=sys.stderr)
         return 2
-    with _ranks(args):
-        try:
-            return int(args.func(args) or 0)
-        except DoriError as err:
-            print(f"dori: error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("dori: interrupted; run the same command again to resume", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print("dori: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+# commands whose per-item work is sharded over the processes of a torchrun job (see dori.distributed)
+SHARDED = ("audit", "detect", "mitigate")
 
 
 @contextlib.contextmanager
@@ -86,6 +86,11 @@ def _ranks(args: argparse.Namespace) -> Iterator[None]:
     if not distributed.launched():
         yield
         return
+    if args.command not in SHARDED:
+        raise DoriError(
+            f"dori {args.command} runs as one process; under torchrun only {', '.join(SHARDED)} share their "
+            "items between processes (start it without torchrun)"
+        )
     device = getattr(args, "device", None)
     ctx = distributed.init(device="cpu" if device == "cpu" else None)
     if not ctx.is_main:

@@ -92,7 +92,7 @@ class FastPath:
         sdpa_backend: force one SDPA backend for the whole process (None: PyTorch's choice).
         compile: ``torch.compile`` the UNet (after the batch sizes are probed).
         memory_budget_gib: most GPU memory a search or sampling batch may bring the process to
-            (weights included); the free memory of the card bounds it too.
+            (weights included); the free memory of the card bounds it too (None: only that).
         max_dori_items: most images searched in one batch.
         max_sampling_batch: most images generated in one batch.
         decode_batch_size: images per VAE decode call (the decoder's activations are large).
@@ -103,7 +103,7 @@ class FastPath:
     channels_last: bool = False
     sdpa_backend: str | None = None
     compile: bool = False
-    memory_budget_gib: float = 32.0
+    memory_budget_gib: float | None = 32.0
     max_dori_items: int = 8
     max_sampling_batch: int = 40
     decode_batch_size: int = 8
@@ -162,25 +162,46 @@ class FastPath:
 
     def tune_audit(
         self, model: T2IModel, sampling: SamplingConfig, dori: Dori, n_items: int
-    ) -> tuple[Dori, SamplingConfig]:
-        """What an audit runs with on the fast path: ``dori`` with its UNet batch raised to what fits and the
-        sampling config with larger batches (never below the given ones); compiles if ``compile``."""
-        fast_dori, _, tuned = self.prepare(
+    ) -> tuple[Dori, SamplingConfig, int]:
+        """What an audit runs with on the fast path: ``dori`` with its UNet batch set to what fits, the
+        sampling config with larger batches (never below the given ones) and the items searched per batch;
+        compiles if ``compile`` (:meth:`warm_up` then pays the compilation once, at these shapes)."""
+        fast_dori, k, tuned = self.prepare(
             model, sampling, n_items, steps=dori.steps, lr=dori.lr, batch_size=dori.batch_size
         )
-        dori = replace(dori, max_micro_batch=max(dori.max_micro_batch, fast_dori.max_micro_batch))
+        if model.device.type == "cuda":  # the probed items per UNet batch (Dori's 256 rows would not fit)
+            dori = replace(dori, max_micro_batch=fast_dori.max_micro_batch)
         if tuned.batch_size > sampling.batch_size:
             sampling = tuned
         elif sampling.decode_batch_size is None:
             sampling = replace(sampling, decode_batch_size=tuned.decode_batch_size)
-        return dori, sampling
+        return dori, sampling, k
+
+    def warm_up(self, model: T2IModel, dori: Dori, items: int, config: SamplingConfig) -> float:
+        """Run one Dori step on ``items`` targets and one sampling step of a full batch, so that a compiled
+        UNet compiles here (the shapes of the audit) and not inside the first item; returns the seconds
+        spent (the one-time cost of ``compile``)."""
+        import time
+
+        start = time.perf_counter()
+        x0 = torch.randn(items, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+        init = model.null_embedding().float().cpu().expand(items, -1, -1).clone()
+        short = Dori(steps=1, batch_size=dori.batch_size, max_micro_batch=dori.max_micro_batch)
+        short(model, x0, init, list(range(items)))
+        emb = model.null_embedding().expand(config.batch_size, -1, -1)
+        one = SamplingConfig(1, config.guidance, config.batch_size, config.decode_batch_size)
+        model.sample(emb, list(range(config.batch_size)), one)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ memory
     def available_bytes(self, device: torch.device) -> float:
         """Bytes a workload may bring the process to: min(budget, allocated now + free on the card)."""
         free, _total = torch.cuda.mem_get_info(device)
         # what this process reserved is reusable; keep 1 GiB spare for the CUDA context and fragmentation
-        return min(self.memory_budget_gib * GIB, torch.cuda.memory_reserved(device) + free - GIB)
+        card = torch.cuda.memory_reserved(device) + free - GIB
+        return card if self.memory_budget_gib is None else min(self.memory_budget_gib * GIB, card)
 
     def dori_items(self, model: T2IModel, dori: Dori, n_items: int | None = None) -> int:
         """How many images' searches fit in one batch (probed on the CUDA device; 4 on the CPU)."""

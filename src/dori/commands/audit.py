@@ -7,6 +7,7 @@ to ``--json``). Resumable: run the same command again to continue an interrupted
 from __future__ import annotations
 
 import sys
+import time
 
 from dori import distributed
 from dori.commands.common import (
@@ -125,21 +126,29 @@ def _init(spec: str, model, n: int) -> tuple[str, list[str] | None]:
 
 
 def _attack(args, init: str, model, n_items: int, config):
-    """The attack object of ``--attack`` (None for ``none``); on the fast path Dori's batches are tuned."""
+    """The attack object of ``--attack`` (None for ``none``) and the seconds ``--compile`` took (or None); on
+    the fast path Dori's batches are tuned."""
     from dori.attacks.dori import Dori
     from dori.attacks.unlearndiffatk import UnlearnDiffAtk
 
     if args.norm_ball is not None and args.norm_ball <= 0:
         raise DoriError(f"--norm-ball must be positive, got {args.norm_ball}")
     dori = Dori(steps=args.steps, lr=args.lr, batch_size=args.dori_batch, norm_ball=args.norm_ball, init=init)
-    fast = fast_path_from_args(args, model)
-    if fast is not None:  # bf16 weights on CUDA; batches sized from free memory, never below the given ones
-        dori, config.sampling = fast.tune_audit(model, config.sampling, dori, n_items)
+    fast = fast_path_from_args(args, model)  # the default on CUDA (bf16 weights); --no-fast: float32
+    compile_s = None
+    if fast is not None:  # batches sized from free memory; generation batches never below --batch-size
+        dori, config.sampling, k = fast.tune_audit(model, config.sampling, dori, n_items)
+        if fast.compile and model.device.type == "cuda":
+            compile_s = fast.warm_up(model, dori, k, config.sampling)
+            print(
+                f"torch.compile: {compile_s:.1f} s once (UNet compiled for this audit's batches)",
+                file=sys.stderr,
+            )
     if args.attack == "dori":
-        return dori
+        return dori, compile_s
     if args.attack == "unlearndiffatk":
-        return UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations)
-    return None
+        return UnlearnDiffAtk(timesteps=args.uda_timesteps, iterations=args.uda_iterations), compile_s
+    return None, compile_s
 
 
 def run(args) -> int:
@@ -152,6 +161,8 @@ def run(args) -> int:
     from dori.models.pipeline import SamplingConfig
     from dori.report.tables import format_table
 
+    start = time.perf_counter()
+    start = time.perf_counter()
     snapshots = _snapshots(args.snapshots)
     model = load_model_from_args(args)
     items = window(load_set(args.set, model, images_dir=args.images, fetch=args.fetch), args.skip, args.limit)
@@ -166,7 +177,8 @@ def run(args) -> int:
         a_clip=args.a_clip,
     )
     mitigation = None if args.mitigation == "none" else load_mitigation(args.mitigation)
-    attack = _attack(args, init, model, len(items), config)
+    attack, compile_s = _attack(args, init, model, len(items), config)
+    ready = time.perf_counter()
     utility = None
     if args.utility_set is not None:
         utility = utility_set(
@@ -192,7 +204,7 @@ def run(args) -> int:
     result = audit_to_folder(
         args.out, model, items, args.set, backends, config, mitigation=mitigation, attack=attack,
         snapshots=snapshots, utility=utility, init_prompts=other, settings=settings, model_label=args.model,
-        progress=args.progress, paraphrases=_paraphrases(args.paraphrases, args.paraphrases_n, items),
+        progress=args.progress, startup_s=ready - start, compile_s=compile_s, paraphrases=_paraphrases(args.paraphrases, args.paraphrases_n, items),
         control=control, control_name=args.control, control_level=args.control_level, detection=args.detection,
     )  # fmt: skip
     if not distributed.is_main():  # the ranks of a torchrun job share one run: rank 0 writes its outputs
@@ -207,6 +219,13 @@ def run(args) -> int:
     if result["skipped"]:
         print(f"{len(result['skipped'])} items skipped (no training image); see the JSON", file=sys.stderr)
     print(f"report: {args.out}/report.html", file=sys.stderr)
+    timing = result.get("timing") or {}
+    if timing.get("items_done"):
+        line = f"{timing['items_done']} items in {timing['work_s']:.1f} s ({timing['s_per_item']:.2f} s/item"
+        line += f" on {timing['world_size']} process(es)); start-up {timing['startup_s']:.1f} s"
+        if timing.get("peak_allocated_gib") is not None:
+            line += f"; peak GPU memory {timing['peak_allocated_gib']:.1f} GiB (rank 0)"
+        print(line, file=sys.stderr)
     return 0
 
 

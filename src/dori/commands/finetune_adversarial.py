@@ -1,7 +1,8 @@
 """``dori finetune adversarial``: adversarial fine-tuning (Finding Dori, Section 4.4, Algorithm 2).
 
-Surrogate images follow :mod:`dori.mitigations.surrogate_policy` (``--surrogates DIR``, or generated under
-``--surrogate-mitigation nemo:DIR``, or by ``--surrogate-model M``). ``--check-utility K`` runs the Appendix
+Surrogate images follow :mod:`dori.mitigations.surrogate_policy`: by default the memorizing model makes its own
+(no flag needed); or ``--surrogates DIR``, or generated under ``--surrogate-mitigation nemo:DIR``, or by
+``--surrogate-model M``. ``--check-utility K`` runs the Appendix
 I.7 check on the first K utility pairs.
 """
 
@@ -33,7 +34,12 @@ def add_method(methods) -> None:
     g.add_argument("--items-per-step", type=int, default=1)
     g.add_argument("--embeddings-per-item", type=int, default=None, help="default: the method's")
     g.add_argument("--utility-set", default="unique", help="non-memorized image-caption pairs")
-    g.add_argument("--n-utility", type=int, default=None, help="first K utility pairs")
+    g.add_argument(
+        "--n-utility",
+        type=int,
+        default=2000,
+        help="first K utility pairs (default 2000, the recipes'; 0: all)",
+    )
     g.add_argument(
         "--noise-draws", type=int, default=None,
         help="(surrogate, noise, t) draws per adversarial embedding per update (default 8; 1 = Algorithm 2 literally)",
@@ -78,9 +84,8 @@ def method_from_args(args):
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
-        embeddings_per_item=defaults.embeddings_per_item
-        if args.embeddings_per_item is None
-        else args.embeddings_per_item,
+        embeddings_per_item=args.embeddings_per_item
+        or (defaults.embeddings_per_item if (args.init_schedule or defaults.init_schedule) == "both" else 1),
         noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
         utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
@@ -108,7 +113,7 @@ def run(args) -> int:
     items = load_items(args, model)
     ft = method_from_args(args)
     surr = None if args.no_mitigation_loss else surrogates(args, model, items)
-    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
+    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility or None)
     sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
     check = {}
     if args.stop_mr is not None:

@@ -78,7 +78,15 @@ def surrogates(args, model, items):
         from dori.models.loading import load_model
 
         other = load_model(args.surrogate_model, device=model.device, allow_download=args.download)
-    return policy.surrogates(model, items, args.out, lambda: copy_check(args, model), mitigation, other)
+
+    def aligner():
+        from dori.metrics.backends import load_backends
+
+        return load_backends(model, sscd=args.sscd).aligner
+
+    return policy.surrogates(
+        model, items, args.out, lambda: copy_check(args, model), mitigation, other, aligner=aligner
+    )
 
 
 def finish(args, summary: dict) -> int:

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dori import distributed
 from dori.data.sets import Item
-from dori.errors import DoriError
 from dori.metrics.replication import Similarity
 from dori.mitigations.base import Mitigation, spec
 from dori.mitigations.surrogates import SurrogateSet, generate_surrogates, load_surrogates
@@ -57,6 +57,7 @@ class SurrogatePolicy:
         copy_check: Callable[[], tuple[Similarity, float, str]],
         mitigation: Mitigation | None = None,
         other: T2IModel | None = None,
+        aligner: Callable[[], Any] | None = None,
     ) -> SurrogateSet:
         """Load or make the surrogate set of ``items`` (saved to ``out/surrogates``).
 
@@ -65,19 +66,40 @@ class SurrogatePolicy:
                 surrogates are generated.
             mitigation: the mitigation the memorizing ``model`` generates under.
             other: a model that never trained on the items.
+            aligner: returns the CLIP role that ranks self-made surrogates by alignment with the caption.
+
+        Without a folder, a mitigation or another model, the memorizing model makes its own surrogates
+        (:class:`dori.mitigations.self_surrogates.SelfSurrogates`: other seeds, word-dropped captions, noised
+        text embeddings, each kept only under the copy threshold), so every item gets surrogates from the model
+        alone.
         """
         if self.folder:
             return load_surrogates(self.folder, items, size=model.image_size)
         folder = Path(out) / "surrogates"
         if (folder / "surrogates.json").exists():
             return load_surrogates(folder, items, size=model.image_size)
-        if mitigation is None and other is None:
-            raise DoriError(
-                "surrogate images are needed: pass --surrogates DIR, --surrogate-mitigation nemo:DIR (fit it with "
-                "`dori mitigate nemo --set ... --out DIR`), or --surrogate-model M (a model that never trained on "
-                "the items). The memorizing model alone would generate replicas."
-            )
         similarity, threshold, detector = copy_check()
+        if mitigation is None and other is None:
+            from dori.mitigations.self_surrogates import SelfSurrogates, surrogate_summary
+
+            maker = SelfSurrogates(
+                per_item=self.per_item, seed=self.seed, sample_steps=self.sample_steps, guidance=self.guidance
+            )
+            found = aligner() if aligner is not None else None
+            surr = maker(model, items, similarity, threshold, aligner=found)
+            summary = surrogate_summary(surr, threshold)
+            settings = {
+                "policy": "self",
+                "model": model.name,
+                "threshold": threshold,
+                "copy_detector": detector,
+                "aligner": None if found is None else found.name,
+                **maker.settings(),
+                "summary": {k: v for k, v in summary.items() if k != "items"},
+            }
+            if distributed.is_main():
+                surr.save(folder, settings)
+            return surr
         config = SamplingConfig(steps=self.sample_steps, guidance=self.guidance)
 
         def make(generator: T2IModel, wanted: Sequence[Item], applied=None) -> SurrogateSet:

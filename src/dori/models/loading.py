@@ -171,14 +171,17 @@ def load_model(
     from dori.models import builders
 
     where = resolve(spec, allow_download)
+    sd_random = {"sd14-random": "1.4", "sd2-random": "2-base", "sd2-768-random": "2-768"}
     if where == "tiny-random":
         model = builders.build_tiny_random()
-    elif where == "sd14-random":
-        model = builders.build_sd_random("1.4")
-    elif where == "sd2-random":
-        model = builders.build_sd_random("2-base")
-    elif where == "sd2-768-random":
-        model = builders.build_sd_random("2-768")
+    elif where in sd_random and torch.device(device).type == "cuda":
+        # 1B random weights are drawn on the GPU (seconds, not a minute on the CPU; other values than the
+        # CPU's draw, equally random); the schedule's tensors stay on the CPU
+        with torch.device(device):
+            model = builders.build_sd_random(sd_random[where])
+        model.scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    elif where in sd_random:
+        model = builders.build_sd_random(sd_random[where])
     else:
         model = load_folder(Path(where), allow_pickle=allow_pickle, name=spec)
     return model.to(device=device, dtype=dtype).eval()

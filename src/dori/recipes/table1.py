@@ -150,7 +150,7 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
         if cfg.fast:
             from dori.fast import fast
 
-            attack, config.sampling = fast(model).tune_audit(model, config.sampling, attack, len(items))
+            attack, config.sampling, _ = fast(model).tune_audit(model, config.sampling, attack, len(items))
         results[name] = audit_to_folder(
             out / f"audit-{name}", model, items, set_name, load_backends(model), config,
             mitigation=None if mitigation == "none" else load_mitigation(mitigation), attack=attack,
