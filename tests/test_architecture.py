@@ -22,6 +22,9 @@ LONG_FILES = {
     "mitigations/adversarial_ft.py": "Algorithm 2 with its resumable training loop",
     "miniworld/generator.py": "the world's scene grammar and renderer, one pure function of the seed",
     "miniworld/train.py": "the world's resumable training pipeline (stages share one state file)",
+    "attacks/unlearndiffatk.py": "the reference-faithful attack (init, clipped step, bisection projection, judging)",
+    # to split next: the protocol grew the finiteness checks (issue 24) and the JPEG / A_CLIP options (issue 26)
+    "evaluation.py": "the evaluation protocol: generation, scoring, aggregation",
 }
 
 
