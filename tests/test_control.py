@@ -83,7 +83,7 @@ def test_audit_command_runs_the_control_set(tmp_path, monkeypatch, capsys):
     OUT/control), their rate per budget beside the MR, and the budget computed from those rows."""
     import json
 
-    from tests.test_audit import CLI_ARGS, fake_backends, write_items
+    from test_audit import CLI_ARGS, fake_backends, write_items
 
     from dori.cli import main
     from dori.control import control_report
