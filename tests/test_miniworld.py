@@ -152,6 +152,7 @@ def test_miniworld_info_command(micro_world, capsys):
     assert "set vm" in out and "threshold" in out and "scene detail 1" in out
 
 
+@pytest.mark.slow
 def test_tiny_world_trains_and_memorizes(tmp_path):
     """``dori miniworld train --tiny`` on CPU: the vm items are replicated, heldout captions are not."""
     from dori.cli import main
