@@ -157,8 +157,8 @@ def _toy_audit(model, tmp_path, name, dori_lr=0.1, guidance=7.0, norm_ball=None)
     items = user_set(write_items(tmp_path / "d", missing=False), image_size=16)
     config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2, guidance=guidance), seed=3)
     return run_audit(
-        model, items, "toy", fake_backends(), RunDir(tmp_path / name, {"t": name}), config, attack="dori",
-        dori=Dori(steps=2, lr=dori_lr, norm_ball=norm_ball), snapshots=(), progress=False,
+        model, items, "toy", fake_backends(), RunDir(tmp_path / name, {"t": name}), config,
+        attack=Dori(steps=2, lr=dori_lr, norm_ball=norm_ball), snapshots=(), progress=False,
     )  # fmt: skip
 
 
