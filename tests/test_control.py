@@ -83,10 +83,9 @@ def test_audit_command_runs_the_control_set(tmp_path, monkeypatch, capsys):
     OUT/control), their rate per budget beside the MR, and the budget computed from those rows."""
     import json
 
-    from test_audit import CLI_ARGS, fake_backends, write_items
-
     from dori.cli import main
     from dori.control import control_report
+    from test_audit import CLI_ARGS, fake_backends, write_items
 
     items = write_items(tmp_path / "mem", n=2, missing=False)
     control = write_items(tmp_path / "ctl", n=3, missing=False)
