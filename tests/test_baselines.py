@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dori.attacks.unlearndiffatk import UnlearnDiffAtk, project_simplex
+from dori.attacks.simplex import project_simplex
+from dori.attacks.unlearndiffatk import UnlearnDiffAtk
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.mitigations.concept_ablation import ConceptAblation, miniworld_anchors

@@ -16,7 +16,8 @@ after each Adam step and after each projection, and the decoded prompts the eval
 import pytest
 import torch
 
-from dori.attacks.unlearndiffatk import UnlearnDiffAtk, project_bisection, project_simplex, resize_center_crop
+from dori.attacks.simplex import project_bisection, project_simplex
+from dori.attacks.unlearndiffatk import UnlearnDiffAtk, resize_center_crop
 from dori.errors import DoriError
 from uda_parity_model import PROMPT, build_components, dori_model
 
