@@ -296,3 +296,61 @@ def test_init_schedule_both_searches_from_the_prompt_and_from_noise_every_epoch(
     assert ("random", 4) in seen and ("prompt", 2) in seen
     with pytest.raises(DoriError, match="both"):
         AdversarialFineTuning(init_schedule="both", embeddings_per_item=1)
+
+
+def test_persistent_embeddings_continue_the_previous_search_and_survive_a_resume(tiny, tmp_path, monkeypatch):
+    """With ``persistent=1`` the last embedding of each item starts epoch e where epoch e-1's search ended
+    (read back from the checkpoint after a resume); the other embeddings start afresh from their inits."""
+    import dori.mitigations.adversarial_ft as adv
+
+    items, utility = _items(2, 4, "m"), _items(3, 2, "u")
+    surr = _surrogates(items)
+    starts, ends = [], []
+    original = adv.Dori.__call__
+
+    def recording(self, model, targets, init, seeds, **kw):
+        res = original(self, model, targets, init, seeds, **kw)
+        starts.append(init.clone())
+        ends.append(res.embeddings.detach().cpu().clone())
+        return res
+
+    monkeypatch.setattr(adv.Dori, "__call__", recording)
+    cfg = dict(embeddings_per_item=3, persistent=1, steps_per_embedding=1, dori_steps=2, utility_batch=2, seed=1)
+    AdversarialFineTuning(epochs=1, **cfg)(tiny, items, tmp_path / "p", surrogates=surr, utility=utility)
+    AdversarialFineTuning(epochs=2, **cfg)(tiny, items, tmp_path / "p", surrogates=surr, utility=utility)
+    assert len(starts) == 2  # epoch 1 in the first call, epoch 2 after the resume
+    prompt_emb = tiny.encode_text([it.prompt for it in items]).float()
+    for i in range(2):  # rows 3i, 3i+1, 3i+2: prompt, random, persistent
+        assert torch.equal(starts[1][3 * i + 2], ends[0][3 * i + 2])  # continued across the resume
+        assert torch.allclose(starts[1][3 * i], prompt_emb[i])  # fresh from the prompt
+        assert not torch.equal(starts[1][3 * i + 2], starts[0][3 * i + 2])
+    with pytest.raises(DoriError, match="fresh"):
+        AdversarialFineTuning(embeddings_per_item=2, persistent=1)  # "both" needs two fresh searches
+
+
+def test_uncond_share_trains_the_empty_prompt_on_utility_images(tiny, monkeypatch):
+    """Caption dropout: with ``uncond_share`` about that share of the utility rows carry the empty prompt's
+    embedding; with 0 none do."""
+    items, utility = _items(1, 5, "m"), _items(40, 6, "u")
+    null = tiny.null_embedding().float()[0]
+    shares = {}
+    original = type(tiny).training_loss
+    for share in (0.0, 0.5):
+        rows = []
+
+        def recording(self, x0, emb, t, noise, _rows=rows):
+            _rows.append(emb.detach().cpu())
+            return original(self, x0, emb, t, noise)
+
+        monkeypatch.setattr(type(tiny), "training_loss", recording)
+        ft = AdversarialFineTuning(
+            epochs=2, steps_per_embedding=4, dori_steps=0, utility_batch=64, mitigation_loss=False,
+            uncond_share=share, init_schedule="prompt", embeddings_per_item=1,
+        )  # fmt: skip
+        ft(tiny, items, utility=utility)
+        util = torch.cat(rows)
+        shares[share] = float((util - null).abs().amax(dim=(1, 2)).lt(1e-6).float().mean())
+    assert shares[0.0] == 0.0
+    assert 0.35 < shares[0.5] < 0.65
+    with pytest.raises(DoriError, match="uncond_share"):
+        AdversarialFineTuning(uncond_share=1.0)

@@ -56,6 +56,14 @@ def add_method(methods) -> None:
     g.add_argument("--dori-lr", type=float, default=0.1)
     g.add_argument("--dori-batch", type=int, default=8)
     g.add_argument("--init-schedule", default=None, choices=INIT_SCHEDULES, help="default: the method's")
+    g.add_argument(
+        "--persistent", type=int, default=None,
+        help="embeddings per item whose search continues from the previous epoch's (default: the method's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--uncond-share", type=float, default=None,
+        help="share of utility pairs trained with the empty prompt (caption dropout; default: the method's)",
+    )  # fmt: skip
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
@@ -77,6 +85,8 @@ def method_from_args(args):
     from dori.mitigations.adversarial_ft import AdversarialFineTuning
 
     defaults = AdversarialFineTuning()
+    schedule = args.init_schedule or defaults.init_schedule
+    persistent = defaults.persistent if args.persistent is None else args.persistent
     return AdversarialFineTuning(
         epochs=defaults.epochs if args.epochs is None else args.epochs,
         steps_per_embedding=args.steps_per_embedding,
@@ -84,14 +94,15 @@ def method_from_args(args):
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
-        embeddings_per_item=args.embeddings_per_item
-        or (defaults.embeddings_per_item if (args.init_schedule or defaults.init_schedule) == "both" else 1),
+        embeddings_per_item=args.embeddings_per_item or (2 if schedule == "both" else 1) + persistent,
         noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
         utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,
         dori_batch=args.dori_batch,
-        init_schedule=args.init_schedule or defaults.init_schedule,
+        init_schedule=schedule,
+        persistent=persistent,
+        uncond_share=defaults.uncond_share if args.uncond_share is None else args.uncond_share,
         utility_loss=not args.no_utility_loss,
         utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
         mitigation_loss=not args.no_mitigation_loss,

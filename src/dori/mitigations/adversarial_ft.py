@@ -48,7 +48,7 @@ from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics.replication import replication_rate
 from dori.mitigations import lora as lora_mod
-from dori.mitigations.checkpoints import LossLog, check_config, resume, save_checkpoint
+from dori.mitigations.checkpoints import LossLog, check_config, resume, resume_extra, save_checkpoint
 from dori.mitigations.surrogates import Similarity, SurrogateSet
 from dori.mitigations.training import encode_in_batches, finish, item_images, save_finetuned, trainable_copy
 from dori.models.identity import model_sources, weights_fingerprint
@@ -80,6 +80,14 @@ class AdversarialFineTuning:
         init_schedule: ``alternate`` (prompt init on odd epochs, random on even: Algorithm 2), ``prompt``
             (Table 14), ``random`` (Table 15) or ``both`` (every epoch, each item's embeddings alternate between
             the two inits: with ``embeddings_per_item=2`` one from the prompt and one from N(0, I)).
+        persistent: of the ``embeddings_per_item`` embeddings of an item, the last ``persistent`` do not start
+            afresh each epoch: from epoch 2 on their search continues from where the previous epoch's ended
+            (persistent adversarial examples, as in "free" adversarial training), so the model also trains
+            against searches of epochs x ``dori_steps`` steps at no extra search cost. 0: every search starts
+            from its init (Algorithm 2). The fresh ones keep training against the attack as audited.
+        uncond_share: share of the utility pairs whose caption is replaced by the empty prompt (caption
+            dropout, as SD and the miniworld were trained): keeps the unconditional branch of classifier-free
+            guidance, which every generation uses, where it was. 0: Algorithm 2's utility loss.
         utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
         utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1; the default 10 keeps
             utility on all 40 miniworld items, docs/adversarial_ft.md).
@@ -111,6 +119,8 @@ class AdversarialFineTuning:
     dori_lr: float = 0.1
     dori_batch: int = 8
     init_schedule: str = "both"
+    persistent: int = 0
+    uncond_share: float = 0.0
     utility_loss: bool = True
     utility_weight: float = 10.0
     mitigation_loss: bool = True
@@ -142,6 +152,15 @@ class AdversarialFineTuning:
             )
         if self.init_schedule == "both" and self.embeddings_per_item < 2:
             raise DoriError("init_schedule 'both' needs embeddings_per_item >= 2 (one per init)")
+        fresh = self.embeddings_per_item - self.persistent
+        if self.persistent < 0 or fresh < (2 if self.init_schedule == "both" else 1):
+            raise DoriError(
+                f"persistent must leave fresh searches: {self.embeddings_per_item} embeddings per item, "
+                f"{self.persistent} persistent (init_schedule {self.init_schedule!r} needs "
+                f"{2 if self.init_schedule == 'both' else 1} fresh)"
+            )
+        if not 0.0 <= self.uncond_share < 1.0:
+            raise DoriError(f"uncond_share must be in [0, 1), got {self.uncond_share}")
         if self.dori_steps < 0:
             raise DoriError("dori_steps must be >= 0")
         if self.stop_mr is not None and not (0 <= self.stop_mr < 1 and self.stop_generations >= 1):
@@ -229,6 +248,7 @@ class AdversarialFineTuning:
             "utility": [it.id for it in utility],
         }
         start = 1
+        carried: torch.Tensor | None = None  # the previous epoch's final embeddings (``persistent``)
         if out is not None:
             out = Path(out)
             free = ("epochs", "stop_mr", "stop_generations")  # a run may be continued with other values
@@ -236,6 +256,7 @@ class AdversarialFineTuning:
             binding["model"] = weights_fingerprint(model)
             check_config(out, binding, model_sources(model))
             start = resume(out, ft, opt, gen)
+            carried = resume_extra(out).get("y_adv")
         emit = LossLog(out, start, log)
         if start == 1:
             emit({"kind": "start", "items": len(usable), "skipped": skipped, "utility": len(utility)})
@@ -243,7 +264,7 @@ class AdversarialFineTuning:
         done = self.epochs
         for epoch in range(start, self.epochs + 1):
             t0 = time.perf_counter()
-            y_adv, dori_loss = self._search(ft, data, epoch, gen)
+            y_adv, dori_loss = self._search(ft, data, epoch, gen, carried)
             if self.stop_mr is not None and epoch > 1 and y_adv is not None:
                 mr = self._replication(ft, usable, y_adv, similarity, threshold, sampling)
                 emit({"kind": "check", "epoch": epoch, "init": self.init_for_epoch(epoch), "mr": mr})
@@ -266,8 +287,10 @@ class AdversarialFineTuning:
                     "update_seconds": round(t2 - t1, 3),
                 }
             )
+            carried = y_adv.detach().cpu() if self.persistent else None
             if out is not None:
-                save_checkpoint(out, ft, opt, gen, epoch, record)
+                extra = {"y_adv": carried} if carried is not None else None
+                save_checkpoint(out, ft, opt, gen, epoch, record, extra)
         if self.lora_rank is not None:
             lora_mod.merge_lora(ft.unet)
         finish(ft)
@@ -277,9 +300,16 @@ class AdversarialFineTuning:
 
     # ------------------------------------------------------------------ parts
     def _search(
-        self, ft: T2IModel, data: _Data, epoch: int, gen: torch.Generator
+        self,
+        ft: T2IModel,
+        data: _Data,
+        epoch: int,
+        gen: torch.Generator,
+        carried: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, float | None]:
-        """Fresh adversarial embeddings for every (item, k) against the current model, in one batched call."""
+        """Adversarial embeddings for every (item, k) against the current model, in one batched call: fresh
+        from their inits, except the ``persistent`` ones, which continue from ``carried`` (the previous
+        epoch's final embeddings) when given."""
         if not self.mitigation_loss:
             return None, None
         n, k = len(data.items), self.embeddings_per_item
@@ -293,6 +323,14 @@ class AdversarialFineTuning:
             init[even] = initial_embeddings(ft, from_prompt, init="prompt")
         else:
             init = initial_embeddings(ft, prompts, init=kind, seeds=seeds)
+        if self.persistent and carried is not None:
+            if carried.shape != init.shape:
+                raise DoriError(
+                    f"the checkpoint's persistent embeddings have shape {tuple(carried.shape)}, "
+                    f"this run needs {tuple(init.shape)}: delete the run folder to start over"
+                )
+            keep = torch.arange(n * k) % k >= k - self.persistent
+            init[keep] = carried[keep].to(init.device, init.dtype)
         if self.dori_steps == 0:
             return init, None
         dori = Dori(
@@ -369,7 +407,11 @@ class AdversarialFineTuning:
                     n_util = self.utility_batch or len(group) * k * d
                     pick = torch.randint(0, data.util_x0.shape[0], (n_util,), generator=gen)
                     x0_parts.append(data.util_x0[pick.to(device)])
-                    emb_parts.append(data.util_emb[pick.to(device)])
+                    util_emb = data.util_emb[pick.to(device)]
+                    if self.uncond_share > 0:  # caption dropout: the empty prompt's embedding instead
+                        drop = (torch.rand(n_util, generator=gen) < self.uncond_share).to(device)
+                        util_emb = torch.where(drop[:, None, None], data.null.to(util_emb), util_emb)
+                    emb_parts.append(util_emb)
                 x0 = torch.cat(x0_parts).to(device, torch.float32)
                 emb = torch.cat([e.to(device, torch.float32) for e in emb_parts])
                 noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -414,6 +456,7 @@ class _Data:
     surr: dict[str, torch.Tensor]
     util_x0: torch.Tensor
     util_emb: torch.Tensor
+    null: torch.Tensor
 
     @classmethod
     def build(
@@ -430,4 +473,5 @@ class _Data:
             util_emb = model.encode_text([it.prompt for it in utility]).float()
         else:
             util_x0 = util_emb = torch.empty(0)
-        return cls(list(items), x_mem, surr, util_x0, util_emb)
+        null = model.null_embedding().float()
+        return cls(list(items), x_mem, surr, util_x0, util_emb, null)

@@ -118,8 +118,13 @@ def save_checkpoint(
     generator: torch.Generator,
     epoch: int,
     record: dict,
+    extra: dict | None = None,
 ) -> Path:
-    """Write ``checkpoints/epoch-NNNN`` for a model in training (LoRA adapters are merged into a copy)."""
+    """Write ``checkpoints/epoch-NNNN`` for a model in training (LoRA adapters are merged into a copy).
+
+    ``extra``: further training state (tensors or plain values) kept in ``train_state.pt``; read back by
+    :func:`resume_extra`.
+    """
     folder = out / "checkpoints" / f"epoch-{epoch:04d}"
     if folder.exists():
         shutil.rmtree(folder)
@@ -135,6 +140,8 @@ def save_checkpoint(
     else:
         save_finetuned(model, folder, method, link_world=True)
     state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "rng": generator.get_state()}
+    if extra:
+        state["extra"] = extra
     tmp = folder / f".{STATE}.tmp"
     torch.save(state, tmp)
     tmp.replace(folder / STATE)
@@ -166,6 +173,12 @@ def resume(out: Path, model: T2IModel, optimizer: torch.optim.Optimizer, generat
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["rng"])
     return int(state["epoch"]) + 1
+
+
+def resume_extra(out: Path) -> dict:
+    """The ``extra`` state of the newest complete checkpoint ({} when there is none)."""
+    states = sorted((out / "checkpoints").glob(f"epoch-*/{STATE}"))
+    return dict(load_state(states[-1]).get("extra") or {}) if states else {}
 
 
 class LossLog:

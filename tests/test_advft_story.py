@@ -1,0 +1,63 @@
+"""The demo's adversarial fine-tuning part: which fine-tuning and audits it runs, and the rows it returns (the
+library functions it calls are replaced by recorders; no model runs)."""
+
+from __future__ import annotations
+
+import json
+
+import dori.recipes.advft_story as story
+
+
+def _audit(key_rows):
+    return {"rows": [{"key": k, "set": "s", "mr": mr, "n_items": 12, "fid": fid} for k, mr, fid in key_rows]}
+
+
+def test_story_fine_tunes_once_and_audits_prompt_and_random_init(tmp_path, monkeypatch):
+    calls = {"ft": 0, "jobs": {}}
+
+    class FakeFT:
+        def __init__(self, **kw):
+            pass
+
+        def __call__(self, model, items, out, surrogates=None, utility=()):
+            calls["ft"] += 1
+            calls["ft_items"], calls["n_utility"] = len(items), len(utility)
+            (out / "surrogates").mkdir(parents=True, exist_ok=True)
+            (out / "surrogates" / "surrogates.json").write_text(
+                json.dumps({"settings": {"summary": {"n": 1}}})
+            )
+            (out / "finetune.json").write_text(json.dumps({"epochs_done": 8, "utility": ["u"] * 3}))
+
+    class FakePolicy:
+        def __init__(self, **kw):
+            pass
+
+        def surrogates(self, model, items, out, copy_check, aligner=None):
+            return "surrogates"
+
+    def fake_audit(out, job):
+        calls["jobs"][out.name] = job
+        mr = {"audit-advft": 0.5, "audit-advft-random": 0.25}.get(out.name, 0.0)
+        return _audit([("none", 0.0, 5.0 if out.name == "audit-advft" else None), ("none+dori-50", mr, None)])
+
+    monkeypatch.setattr(story, "open_model", lambda *a: object())
+    monkeypatch.setattr(story, "load_set", lambda name, model=None, limit=None: [name] * (limit or 40))
+    monkeypatch.setattr(story, "load_backends", lambda model: None)
+    monkeypatch.setattr(story, "SurrogatePolicy", FakePolicy)
+    monkeypatch.setattr(story, "AdversarialFineTuning", FakeFT)
+    monkeypatch.setattr(story, "run_audit_job", fake_audit)
+    cfg = story.AdvFTStoryConfig(limit=12, progress=False)
+    result = story.run_advft_story(tmp_path, cfg)
+    assert calls["ft"] == 1 and calls["ft_items"] == 12 and calls["n_utility"] == 2000
+    jobs = calls["jobs"]
+    assert jobs["audit-advft"].attack.init == "prompt" and jobs["audit-advft"].attack.steps == 50
+    assert jobs["audit-advft-random"].attack.init == "random"
+    assert jobs["audit-advft"].model == str(tmp_path / "advft") and jobs["audit-advft"].limit == 12
+    assert jobs["heldout-none"].model == "miniworld" and jobs["heldout-advft"].set == "heldout"
+    rows = result["rows"]
+    assert rows["advft"]["mr"] == 0.0 and rows["advft+dori"]["mr"] == 0.5
+    assert rows["advft+dori-random"]["mr"] == 0.25 and rows["utility.advft"]["fid"] == 5.0
+    assert result["finetune"] == {"epochs_done": 8}  # the utility id list is left out
+    assert json.loads((tmp_path / "advft_story.json").read_text())["rows"]["advft+dori"]["mr"] == 0.5
+    story.run_advft_story(tmp_path, cfg)  # resumed: the finished fine-tuning is not run again
+    assert calls["ft"] == 1
