@@ -315,7 +315,9 @@ def test_persistent_embeddings_continue_the_previous_search_and_survive_a_resume
         return res
 
     monkeypatch.setattr(adv.Dori, "__call__", recording)
-    cfg = dict(embeddings_per_item=3, persistent=1, steps_per_embedding=1, dori_steps=2, utility_batch=2, seed=1)
+    cfg = dict(
+        embeddings_per_item=3, persistent=1, steps_per_embedding=1, dori_steps=2, utility_batch=2, seed=1
+    )
     AdversarialFineTuning(epochs=1, **cfg)(tiny, items, tmp_path / "p", surrogates=surr, utility=utility)
     AdversarialFineTuning(epochs=2, **cfg)(tiny, items, tmp_path / "p", surrogates=surr, utility=utility)
     assert len(starts) == 2  # epoch 1 in the first call, epoch 2 after the resume

@@ -31,7 +31,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default=None)
     p.add_argument(
-        "--no-advft", dest="advft", action="store_false", help="Table 1 only (no adversarial fine-tuning part)"
+        "--no-advft",
+        dest="advft",
+        action="store_false",
+        help="Table 1 only (no adversarial fine-tuning part)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
