@@ -5,9 +5,9 @@ Command that reproduces the committed result (``docs/locality/LOCALITY.md``; wor
     python experiments/locality_figures.py --device cuda --out runs/gpu/locality
 
 It runs the locality analyses (:func:`dori.locality_run.locality_to_folder`, what ``dori analyze locality``
-runs) with the settings below (resumable: run it again after a kill), then
-writes ``LOCALITY.md`` into the run directory: per figure, the PNG and a note written from the measured
-numbers that says whether the paper's pattern holds. Edit the config and rerun to change anything; a
+runs) with the settings below (resumable: run it again after a kill), then writes ``LOCALITY.md`` into the
+run directory: the verdict table (each check: measured quantity, criterion, outcome; ``verdict`` in
+``locality.json``), then per figure the PNG and its note. Edit the config and rerun to change anything; a
 changed setting needs a new ``OUT``.
 """
 
@@ -22,6 +22,7 @@ from dori.locality_run import copy_check, find_item, locality_to_folder
 from dori.models.devices import open_model
 from dori.models.pipeline import SamplingConfig
 from dori.report.figures_locality import TITLES
+from dori.report.locality_notes import locality_markdown
 
 # ---------------------------------------------------------------- config
 MODEL = "miniworld"  # a built-in name, a world folder, or a diffusers model with --sscd
@@ -69,31 +70,7 @@ out = locality_to_folder(
 )  # fmt: skip
 wall = time.perf_counter() - start
 
-# ---------------------------------------------------------------- notes
-cfg, res = out["config"], out["results"]
-searches = {kind: res["dispersion"][kind]["search"] for kind in ("random", "nonmem") if "dispersion" in res}
-lines = [
-    f"# Locality on {cfg['model']}: item {cfg['item']} of `{cfg['set']}`",
-    "",
-    f"Command: `python experiments/locality_figures.py {' '.join(sys.argv[1:])}`, K = {cfg['k']}, "
-    f"{cfg['steps']} Dori steps, seed {cfg['seed']}, git {out['provenance'].get('git', '?')[:10]}.",
-    f"Wall time of this invocation: {wall:.0f} s (a rerun skips finished units).",
-]
-for kind, s in searches.items():
-    lines.append(
-        f"- Batched Dori search from {kind} inits: {s['k']} runs x {s['steps']} steps in {s['seconds']:.1f} s "
-        f"on {s['device']} ({s['torch_threads']} threads)."
-    )
-if "seconds" in res.get("activations", {}):
-    a = res["activations"]
-    lines.append(f"- Activation discrepancy of {a['n_adv']} + {a['n_mem']} embeddings: {a['seconds']:.1f} s.")
-for name, table in res.get("agreement", {}).items():
-    if isinstance(table, dict) and "seconds" in table:
-        lines.append(
-            f"- {name} selections for {table['n_adv']} triggers and Fig. 13: {table['seconds']:.1f} s."
-        )
-for fig, title in TITLES.items():
-    if fig in out["figures"]:
-        lines += ["", f"## {title}", "", f"![{fig}]({out['figures'][fig]})", "", out["notes"][fig]]
-(OUT / "LOCALITY.md").write_text("\n".join(lines) + "\n")
+# ---------------------------------------------------------------- page
+command = f"python experiments/locality_figures.py {' '.join(sys.argv[1:])}".strip()
+(OUT / "LOCALITY.md").write_text(locality_markdown(out, command, TITLES, wall))
 print(f"\nwrote {OUT / 'LOCALITY.md'}")

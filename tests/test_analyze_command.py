@@ -59,6 +59,20 @@ def test_analyze_locality_end_to_end(items_file, tmp_path, monkeypatch):
     assert (out / "locality.json").exists()
     page = (out / "locality.html").read_text()
     assert page.count("data:image/png;base64,") == 7 and "Fig. 13" in page
+    from dori.analysis.locality_verdict import locality_verdict
+
+    verdict = res["verdict"]  # the record is stored, computed from the stored numbers, and on the page
+    assert verdict == json.loads(json.dumps(locality_verdict(res["results"])))
+    assert {c["figure"] for c in verdict["checks"]} == {
+        "fig3",
+        "fig4",
+        "fig5",
+        "fig10",
+        "fig11",
+        "fig12",
+        "fig13",
+    }
+    assert f"{verdict['overall']['holding']} of {verdict['overall']['checks']} checks hold" in page
 
     # resume: nothing is searched or selected again, same numbers
     def boom(*a, **k):

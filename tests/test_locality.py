@@ -198,40 +198,102 @@ def test_timed_search_and_replication_check(tiny):
         ED.timed_search(Dori(steps=1), tiny, x0, init, [0, 1])
 
 
+def _dispersion(adv_random=100.0, replicated=(True,) * 10, threshold=0.8):
+    def part(init, adv, travel, rep):
+        s = {
+            "pairwise_init": {"median": init},
+            "pairwise_adv": {"median": adv},
+            "init_to_adv": {"median": travel},
+        }
+        out = {"summary": s}
+        if rep is not None:
+            out["replication"] = {
+                "replicated": list(rep),
+                "rate": sum(rep) / len(rep),
+                "threshold": threshold,
+            }
+        return out
+
+    return {
+        "random": part(90.0, adv_random, 40.0, replicated),
+        "nonmem": part(80.0, 95.0, 50.0, None),  # replication not checked: only the spread is tested
+        "reference_nonmem_pairwise": {"median": 80.0},
+    }
+
+
 @pytest.mark.parametrize("ratio, holds", [(0.49, False), (0.5, True), (0.51, True)])
 def test_discrepancy_verdict_flips_at_the_stated_threshold(ratio, holds):
-    """Fig. 4's verdict is computed from the numbers: Y_adv / Y_mem >= COMPARABLE in most layers of both."""
-    from dori.report.locality_notes import COMPARABLE, note_discrepancy
+    """Fig. 4's verdict from the numbers: Y_adv / Y_mem >= COMPARABLE in more than half the layers of both."""
+    from dori.analysis.locality_verdict import COMPARABLE, locality_verdict
 
     assert COMPARABLE == 0.5
     table = {"layers": ["a", "b", "c"], "adv": [ratio * 10, ratio * 10, 1.0], "mem": [10.0, 10.0, 10.0]}
-    act = {"n_adv": 2, "n_mem": 2, "nemo": table, "wanda": table}
-    text = note_discrepancy(act)
-    assert ("Pattern holds" in text) == holds and ("does NOT hold" in text) == (not holds)
-    assert f"{ratio:.2f}, {ratio:.2f}, 0.10" in text  # the ratios it judged are the ones printed
-
-
-def test_notes_state_verdicts_from_numbers():
-    from dori.report.locality_notes import note_agreement, note_discrepancy, note_weights
-
-    act = {"n_adv": 4, "n_mem": 4, "nemo": {"layers": ["a", "b"], "adv": [9.0, 8.0], "mem": [10.0, 10.0]}}
-    act["wanda"] = {"layers": ["c"], "adv": [1.0], "mem": [10.0]}
-    text = note_discrepancy(act)
-    assert "0.90, 0.80" in text and "0.10" in text and "does NOT hold" in text
-    act["wanda"]["adv"] = [6.0]
-    assert "Pattern holds" in note_discrepancy(act)
-    table = {
-        "layers": ["a", "b", "c"],
-        "adv": [0.3, 0.5, 1.0],
-        "mem": [0.4, 0.5, 1.0],
-        "n_adv": 2,
-        "n_mem": 2,
+    act = {"n_adv": 2, "n_mem": 2, "nemo": table, "wanda": table, "layer_types": {}}
+    v = locality_verdict({"activations": act})
+    assert [c["figure"] for c in v["checks"]] == ["fig4", "fig4"]  # no layer types: Fig. 12 not checked
+    assert [c["value"] for c in v["checks"]] == pytest.approx([2 / 3 if holds else 0.0] * 2)
+    assert all(c["op"] == ">" and c["threshold"] == 0.5 for c in v["checks"])
+    assert v["figures"] == {"fig4": holds}
+    assert v["overall"] == {
+        "checks": 2,
+        "holding": 2 * holds,
+        "verdict": "reproduced" if holds else "not reproduced",
     }
-    table.update(count_adv=[[5, 6], [2, 2], [0, 0]], count_all_mem=[[5, 6], [2, 2], [0, 0]], unit="weights")
-    agr = {"nemo": {"skipped": "nemo not available"}, "wanda": table}
-    assert "Wanda below 0.6 in most layers: holds" in note_agreement(agr)
-    weights = note_weights(agr)
-    assert "layers never selected: [3]" in weights and "deeper layers select more: no" in weights
+
+
+def test_verdict_record_of_dispersion_and_agreement():
+    from dori.analysis.locality_verdict import locality_verdict
+
+    table = {"adv": [0.3, 0.5, 1.0], "mem": [0.4, 0.5, 1.0], "n_adv": 2, "n_mem": 2, "unit": "weights"}
+    table.update(count_adv=[[5, 6], [2, 2], [0, 0]], count_all_mem=[[5, 6], [2, 2], [0, 0]])
+    results = {
+        "dispersion": _dispersion(),
+        "agreement": {"nemo": {"skipped": "nemo not available"}, "wanda": table},
+    }
+    v = locality_verdict(results)
+    fig3 = [c for c in v["checks"] if c["figure"] == "fig3"]
+    assert [c["value"] for c in fig3] == pytest.approx([1.0, 100 / 90]) and all(c["holds"] for c in fig3)
+    assert [c["value"] for c in v["checks"] if c["figure"] == "fig10"] == pytest.approx([95 / 80])
+    fig11 = [(c["value"], c["threshold"], c["holds"]) for c in v["checks"] if c["figure"] == "fig11"]
+    assert fig11 == [(100.0, 90.0, True), (95.0, 80.0, True), (50.0, 40.0, True), (100.0, 80.0, True)]
+    (fig5,) = [c for c in v["checks"] if c["figure"] == "fig5"]
+    assert fig5["value"] == pytest.approx(2 / 3) and fig5["holds"]  # 0.3 and 0.5 are below 0.6
+    (fig13,) = [c for c in v["checks"] if c["figure"] == "fig13"]
+    assert (fig13["value"], fig13["threshold"], fig13["holds"]) == (
+        0.0,
+        5.5,
+        False,
+    )  # deepest third selects none
+    assert v["figures"] == {"fig3": True, "fig10": True, "fig11": True, "fig5": True, "fig13": False}
+    assert v["overall"] == {"checks": 9, "holding": 8, "verdict": "partly reproduced"}
+
+    # 8/10 replicate (< 0.9) and the triggers from N(0, I) closer together than their inits: Fig. 3 fails
+    v = locality_verdict({"dispersion": _dispersion(adv_random=60.0, replicated=(True,) * 8 + (False,) * 2)})
+    fig3 = [c for c in v["checks"] if c["figure"] == "fig3"]
+    assert [(c["value"], c["holds"]) for c in fig3] == [(0.8, False), (pytest.approx(60 / 90), False)]
+    assert v["figures"]["fig3"] is False and v["figures"]["fig11"] is False
+    assert locality_verdict({})["overall"] == {"checks": 0, "holding": 0, "verdict": "nothing checked"}
+
+
+def test_notes_render_the_recorded_verdict():
+    """The notes print the record's outcome, not one of their own: a record that says "does not hold" for
+    numbers that would pass is rendered as it says."""
+    from dori.analysis.locality_verdict import locality_verdict
+    from dori.report.locality_notes import locality_notes, verdict_markdown
+
+    disp = _dispersion()
+    for kind in ("random", "nonmem"):
+        disp[kind]["search"] = {"k": 10, "steps": 5, "seconds": 1.0, "device": "cpu", "torch_threads": 1}
+    results = {"dispersion": disp}
+    verdict = locality_verdict(results)
+    assert verdict["figures"]["fig3"] is True
+    assert "Pattern holds" in locality_notes(results, verdict)["fig3"]
+    verdict["checks"][0]["holds"], verdict["figures"]["fig3"] = False, False
+    notes = locality_notes(results, verdict)
+    assert "Pattern does NOT hold" in notes["fig3"] and "Pattern holds" in notes["fig11"]
+    table = verdict_markdown(verdict).splitlines()
+    rows = [row for row in table if row.startswith("| fig") and not row.startswith("| figure")]
+    assert len(rows) == len(verdict["checks"]) and rows[0].endswith("| no |")  # fig3 replication, as recorded
 
 
 def test_copy_detector_scorer_is_cosine():

@@ -2,8 +2,9 @@
 ``experiments/locality_figures.py`` call.
 
 :func:`locality_to_folder` runs :func:`dori.analysis.locality.run_locality` (resumable: each analysis is saved
-when done), then writes the figures (``figures/fig*.png``), ``locality.json`` (config, every number, the
-per-figure notes, provenance) and ``locality.html``.
+when done), then writes the figures (``figures/fig*.png``), ``locality.json`` (config, every number, the verdict record of
+:func:`dori.analysis.locality_verdict.locality_verdict`, the per-figure notes rendered from it, provenance)
+and ``locality.html``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from dori.analysis.embedding_dispersion import Scorer, copy_detector_scorer
 from dori.analysis.locality import ANALYSES, LocalityConfig, run_locality
+from dori.analysis.locality_verdict import locality_verdict
 from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics.backends import load_backends
@@ -92,14 +94,18 @@ def locality_to_folder(
         nemo=mitigations.get("nemo"), wanda=mitigations.get("wanda"), log=log,
     )  # fmt: skip
     figures = write_figures(results, run_dir.path / "figures")
-    notes = locality_notes(results)
+    verdict = locality_verdict(results)
     data = {
         "config": run_dir.config,
         "results": results,
+        "verdict": verdict,
         "figures": {k: str(Path(v).relative_to(run_dir.path)) for k, v in figures.items()},
-        "notes": notes,
+        "notes": locality_notes(results, verdict),
         "provenance": run_dir.provenance,
     }
     atomic_write_text(run_dir.path / "locality.json", json.dumps(data, indent=1, default=str))
-    write_html(run_dir.path, data["figures"], notes, title or f"Locality of item {item.id} on {model.name}")
+    write_html(
+        run_dir.path, data["figures"], data["notes"], title or f"Locality of item {item.id} on {model.name}",
+        verdict=verdict,
+    )  # fmt: skip
     return data

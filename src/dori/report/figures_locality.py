@@ -212,8 +212,15 @@ TITLES = {
 }
 
 
-def write_html(run_dir: str | Path, figures: dict[str, str], notes: dict[str, str], title: str) -> Path:
-    """A self-contained ``locality.html`` in the run directory: each figure (inlined PNG) with its note."""
+def write_html(
+    run_dir: str | Path,
+    figures: dict[str, str],
+    notes: dict[str, str],
+    title: str,
+    verdict: dict | None = None,
+) -> Path:
+    """A self-contained ``locality.html`` in the run directory: the verdict record (one row per check), then
+    each figure (inlined PNG) with its note."""
     import base64
     import html
 
@@ -225,6 +232,22 @@ def write_html(run_dir: str | Path, figures: dict[str, str], notes: dict[str, st
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}img{max-width:100%}</style>"
     )
     parts.append(f"<h1>{html.escape(title)}</h1>")
+    if verdict is not None:
+        o = verdict["overall"]
+        parts.append(
+            f"<p>Overall: <b>{html.escape(o['verdict'])}</b>, {o['holding']} of {o['checks']} checks hold.</p>"
+        )
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                c["figure"], c["claim"], c["quantity"], f"{c['value']:.3g}",
+                f"{c['op']} {c['threshold']:.3g} ({c['threshold_is']})", "yes" if c["holds"] else "no",
+            )) + "</tr>"
+            for c in verdict["checks"]
+        )  # fmt: skip
+        head = "".join(
+            f"<th>{h}</th>" for h in ("figure", "paper's pattern", "measured", "value", "criterion", "holds")
+        )
+        parts.append(f"<table><tr>{head}</tr>{rows}</table>")
     for fig, heading in TITLES.items():
         if fig not in figures:
             continue
