@@ -208,7 +208,12 @@ def test_noise_draws_set_the_update_batch(tiny, monkeypatch):
 
     monkeypatch.setattr(type(tiny), "training_loss", recording)
     common = dict(
-        epochs=1, steps_per_embedding=1, dori_steps=0, init_schedule="prompt", embeddings_per_item=2
+        epochs=1,
+        steps_per_embedding=1,
+        dori_steps=0,
+        init_schedule="prompt",
+        embeddings_per_item=2,
+        persistent=0,
     )
     AdversarialFineTuning(**common, noise_draws=3, utility_batch=None)(
         tiny, items, surrogates=surr, utility=utility
@@ -286,8 +291,10 @@ def test_init_schedule_both_searches_from_the_prompt_and_from_noise_every_epoch(
         return out
 
     monkeypatch.setattr(adv, "initial_embeddings", recording)
-    ft = AdversarialFineTuning(epochs=2, steps_per_embedding=1, dori_steps=0, utility_loss=False)
-    assert (ft.init_schedule, ft.embeddings_per_item) == ("both", 2)  # the defaults
+    assert AdversarialFineTuning().init_schedule == "both"  # the default
+    ft = AdversarialFineTuning(
+        epochs=2, steps_per_embedding=1, dori_steps=0, utility_loss=False, embeddings_per_item=2, persistent=0
+    )
     y, _ = ft._search(tiny, adv._Data.build(tiny, items, _surrogates(items), []), 1, torch.Generator())
     # 2 items x 2 embeddings: rows 0 and 2 from the prompts, rows 1 and 3 from N(0, I)
     prompt_emb = tiny.encode_text([it.prompt for it in items]).float()
@@ -347,7 +354,7 @@ def test_uncond_share_trains_the_empty_prompt_on_utility_images(tiny, monkeypatc
         monkeypatch.setattr(type(tiny), "training_loss", recording)
         ft = AdversarialFineTuning(
             epochs=2, steps_per_embedding=4, dori_steps=0, utility_batch=64, mitigation_loss=False,
-            uncond_share=share, init_schedule="prompt", embeddings_per_item=1,
+            uncond_share=share, init_schedule="prompt", embeddings_per_item=1, persistent=0,
         )  # fmt: skip
         ft(tiny, items, utility=utility)
         util = torch.cat(rows)

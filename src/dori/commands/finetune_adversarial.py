@@ -37,8 +37,9 @@ def add_method(methods) -> None:
     g.add_argument(
         "--n-utility",
         type=int,
-        default=2000,
-        help="first K utility pairs (default 2000, the recipes'; 0: all)",
+        default=None,
+        help="first K utility pairs (default: all of them; fewer pairs are seen more often and FID rose "
+        "with the passes over them, docs/results/adversarial_ft.md)",
     )
     g.add_argument(
         "--noise-draws", type=int, default=None,
@@ -124,7 +125,7 @@ def run(args) -> int:
     items = load_items(args, model)
     ft = method_from_args(args)
     surr = None if args.no_mitigation_loss else surrogates(args, model, items)
-    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility or None)
+    utility = [] if args.no_utility_loss else load_set(args.utility_set, model, limit=args.n_utility)
     sampling = SamplingConfig(steps=args.sample_steps, guidance=args.guidance)
     check = {}
     if args.stop_mr is not None:

@@ -44,8 +44,8 @@ POSITIVE = {
     "theta_step",
     "theta_min",
 }
-NON_NEGATIVE = {"guidance", "weight_decay", "utility_weight", "pause_after", "sparsity"}
-FRACTION = {"stop_mr", "sparsity"}
+NON_NEGATIVE = {"guidance", "weight_decay", "utility_weight", "pause_after", "sparsity", "persistent"}
+FRACTION = {"stop_mr", "sparsity", "uncond_share"}
 NOT_EMPTY = {
     "model", "set", "out", "json", "mitigation", "surrogate_mitigation", "surrogate_model", "surrogates",
     "images", "utility_set", "reference_images", "sscd", "clip", "inception", "anchors",

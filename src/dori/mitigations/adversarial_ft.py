@@ -106,21 +106,21 @@ class AdversarialFineTuning:
 
     name: ClassVar[str] = "advft"
 
-    epochs: int = 8
+    epochs: int = 12
     steps_per_embedding: int = 3
     lr: float = 4e-5
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
     items_per_step: int = 1
-    embeddings_per_item: int = 2
+    embeddings_per_item: int = 4
     noise_draws: int = 8
     utility_batch: int | None = 64
     dori_steps: int = 50
     dori_lr: float = 0.1
     dori_batch: int = 8
     init_schedule: str = "both"
-    persistent: int = 0
-    uncond_share: float = 0.0
+    persistent: int = 2
+    uncond_share: float = 0.1
     utility_loss: bool = True
     utility_weight: float = 10.0
     mitigation_loss: bool = True
@@ -287,7 +287,7 @@ class AdversarialFineTuning:
                     "update_seconds": round(t2 - t1, 3),
                 }
             )
-            carried = y_adv.detach().cpu() if self.persistent else None
+            carried = y_adv.detach().cpu() if self.persistent and y_adv is not None else None
             if out is not None:
                 extra = {"y_adv": carried} if carried is not None else None
                 save_checkpoint(out, ft, opt, gen, epoch, record, extra)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 21 on the lent GPU, part 2 of 2: attacks the fine-tuned model was not trained against. MODEL names a UNet
+# delta from part 1 (adversarial_ft_default_gpu.sh; e.g. .carry/A.unet.xz), rebuilt bit for bit on the shipped
+# world; then, side by side: Dori lr 0.05 for 150 steps from the prompt (snapshots 50, 100), Dori 150 steps from
+# random init (snapshot 100), UnlearnDiffAtk on the first 10 items, heldout A_CLIP of it and of the unmitigated
+# world, and `sd14-random` end to end on one item. Results: $OUT/results.tgz, $OUT/summary.log.
+set -u
+bash tools/gpu_env.sh || exit 1
+R=runs/gpu21b; mkdir -p $R; L=$OUT; T0=$(date +%s); DEADLINE=${DEADLINE:-550}
+t() { echo "$(( $(date +%s) - T0 )) s: $*" | tee -a $L/timeline.log; }
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+pack() { tar czf $L/results.tgz.tmp $(find $R \( -name 'audit.json' -o -name 'finetune.json' -o -name '*.log' \) \
+  ! -path '*/checkpoints/*' 2>/dev/null) 2>/dev/null; mv $L/results.tgz.tmp $L/results.tgz; }
+rows() { python3 -c "
+import json; d=json.load(open('$1/audit.json'))
+for r in d['rows']: print('$1', r.get('key'), 'n', r.get('n_items'), 'MR', r.get('mr'), 'A_CLIP', (r.get('a_clip') or {}).get('median'), 'SSCD', (r.get('sscd_orig') or {}).get('median'))
+" >> $L/summary.log 2>&1; }
+D="python3 -m dori"; AUD="--batch-size 1000 --no-progress"
+job() { local name=$1; shift; timeout $(left) "$@" $AUD --out $R/$name > $R/$name.log 2>&1; t "$name rc=$?"; rows $R/$name; pack; }
+M=$R/A; cp -r src/dori/assets/miniworld $M && python3 tools/weights_delta.py unpack ${MODEL:-.carry/A.unet.xz} \
+  $M/unet/diffusion_pytorch_model.safetensors && t "model rebuilt" || exit 1
+if [ -n "${GPU_JOB:-}" ]; then ( timeout $(left) bash -c "$GPU_JOB" > $L/gpu_job.log 2>&1; t "GPU_JOB rc=$?" ) & fi
+HELD="--set heldout --limit 100"
+job A-lr05 $D audit --model $M --set vm --attack dori --lr 0.05 --steps 150 --snapshots 50,100 &
+job A-150r $D audit --model $M --set vm --attack dori --steps 150 --init random --snapshots 100 &
+job A-uda $D audit --model $M --set vm --limit 10 --attack unlearndiffatk &
+job A-util $D audit --model $M $HELD &
+job none-util $D audit --model miniworld $HELD &
+( python3 - <<'PY' > $R/sd14-prep.log 2>&1
+import json, torch
+from pathlib import Path
+from PIL import Image
+from dori.models.loading import load_model
+from dori.data.sets import load_set
+out = Path("runs/gpu21b/sd"); out.mkdir(parents=True, exist_ok=True)
+w = load_model("miniworld", device="cpu")
+for name, src, n in (("mem", "vm", 1), ("util", "unique", 8)):
+    rows = []
+    for it in load_set(src, w, limit=n):
+        f = out / f"{it.id}.png"
+        Image.fromarray((it.image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(f)
+        rows.append({"id": it.id, "prompt": it.prompt, "image": f.name})
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+class Pixels(torch.nn.Module):  # a pixel-space stand-in for SSCD (the real file is not on this machine)
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 16).flatten(1)
+        return x - x.mean(1, keepdim=True)
+torch.jit.trace(Pixels(), torch.rand(2, 3, 320, 320)).save(str(out / "pixel_copy_detector.pt"))
+PY
+  SD=$R/sd
+  /usr/bin/time -f "sd14 finetune %e s %M KB" timeout $(left) $D mitigate adversarial-ft --model sd14-random --set $SD/mem.jsonl \
+    --utility-set $SD/util.jsonl --sscd $SD/pixel_copy_detector.pt --epochs 1 --noise-draws 1 --utility-batch 2 \
+    --sample-steps 10 --autocast bf16 --out $R/sd14-A --no-progress > $R/sd14.log 2>&1
+  t "sd14 finetune rc=$?"
+  job sd14-audit $D audit --model $R/sd14-A --set $SD/mem.jsonl --sscd $SD/pixel_copy_detector.pt --attack dori \
+    --steps 50 --snapshots none --n-gens 2 --sample-steps 10 --fast ) &
+wait; t "all done"; pack
+cat $L/summary.log; grep -h " s .*KB" $R/*.log
