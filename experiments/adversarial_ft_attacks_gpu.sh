@@ -3,7 +3,8 @@
 # delta from part 1 (adversarial_ft_default_gpu.sh; e.g. .carry/A.unet.xz), rebuilt bit for bit on the shipped
 # world; then, side by side: Dori lr 0.05 for 150 steps from the prompt (snapshots 50, 100), Dori 150 steps from
 # random init (snapshot 100), UnlearnDiffAtk on the first 10 items, heldout A_CLIP of it and of the unmitigated
-# world, and `sd14-random` end to end on one item. Results: $OUT/results.tgz, $OUT/summary.log.
+# world, Dori 50 steps in float32 (--no-fast; part 1's audits ran the CUDA default, bf16), and `sd14-random` end to
+# end on one item. Results: $OUT/results.tgz, $OUT/summary.log.
 set -u
 bash tools/gpu_env.sh || exit 1
 R=runs/gpu21b; mkdir -p $R; L=$OUT; T0=$(date +%s); DEADLINE=${DEADLINE:-550}
@@ -26,6 +27,8 @@ job A-150r $D audit --model $M --set vm --attack dori --steps 150 --init random 
 job A-uda $D audit --model $M --set vm --limit 10 --attack unlearndiffatk &
 job A-util $D audit --model $M $HELD &
 job none-util $D audit --model miniworld $HELD &
+# the fast path's bf16 (the CUDA default, every audit above) against float32 on the same model and items
+job A-dp-fp32 $D audit --model $M --set vm --attack dori --steps 50 --snapshots 10,25 --no-fast &
 ( python3 - <<'PY' > $R/sd14-prep.log 2>&1
 import json, torch
 from pathlib import Path

@@ -108,7 +108,7 @@ class AdversarialFineTuning:
 
     epochs: int = 12
     steps_per_embedding: int = 3
-    lr: float = 4e-5
+    lr: float = 8e-5
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
     items_per_step: int = 1
