@@ -50,7 +50,8 @@ def test_finetune_adversarial_and_esd_write_loadable_models(tmp_path, capsys):
     assert summary["settings"]["epochs"] == 1 and summary["skipped"] == {}
     assert (out / "checkpoints" / "epoch-0001" / "train_state.pt").exists()
 
-    rc = main(["finetune", "esd", *common, "--iterations", "1", "--out", str(tmp_path / "esd")])
+    esd = ["--iterations", "1", "--resolution", "model", "--out", str(tmp_path / "esd")]
+    rc = main(["finetune", "esd", *common, *esd])
     assert rc == 0 and (tmp_path / "esd" / "model_index.json").exists()
 
 

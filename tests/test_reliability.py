@@ -103,6 +103,8 @@ def test_item2_finetune_never_overwrites_its_input_model(tmp_path, capsys):
         "1",
         "--device",
         "cpu",
+        "--resolution",
+        "model",
     ]
     assert main([*base, "--out", str(model)]) == 2
     assert "input model's folder" in capsys.readouterr().err
@@ -129,6 +131,8 @@ def test_item2_finetune_refuses_a_finished_run_of_other_settings(tmp_path, capsy
         str(items),
         "--device",
         "cpu",
+        "--resolution",
+        "model",
         "--out",
         str(out),
     ]

@@ -22,8 +22,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sscd", default=None, help="copy detector file (default: the miniworld's stand-in)")
 
 
-def add_surrogate_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("surrogates (dori.mitigations.surrogate_policy)")
+SURROGATE_OPTIONS = ("surrogates", "surrogate_mitigation", "surrogate_model")
+
+
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among ``names`` given on the command line (not None), as keyword arguments; the rest
+    are left to the method's own defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def add_surrogate_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    title = "surrogates (dori.mitigations.surrogate_policy)"
+    g = p.add_argument_group(f"{title}; {note}" if note else title)
     g.add_argument("--surrogates", default=None, help="folder of surrogate images (<id>/*.png)")
     g.add_argument("--surrogate-mitigation", default=None, help="generate under this mitigation (nemo:DIR)")
     g.add_argument(

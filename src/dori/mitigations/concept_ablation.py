@@ -40,6 +40,8 @@ Deviations from the reference:
   fp16 on a GPU) and at the model's own size (the reference: 512 px);
 * the loss mask uses the model's own pixel-to-latent factor (the reference hard-codes SD's 8; the
   miniworld's VAE downsamples by 4);
+* ``scale_lr`` assumes one GPU and no gradient accumulation (the reference also multiplies by the number
+  of GPUs: 4e-6 on two);
 * one model ablates all memorized prompts together (Finding Dori's setting); the reference runs one concept
   (or a list) per run; dori's draws (order, flips, noise) come from its own seeded generators.
 """

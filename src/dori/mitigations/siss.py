@@ -42,6 +42,10 @@ Deviations from the reference:
 * the reference's data set (Kaggle) is not available; ``reference`` rebuilds it the way its files describe
   (k-means labels of generations of a modified prompt), with ``n_images`` generations by dori's DDIM sampler
   (50 steps, guidance 7) instead of the reference data's unknown sampler;
+* the 2-means split is dori's own (Lloyd's algorithm from a deterministic start, :func:`siss_data.two_means`);
+  the reference ships its labels (``kmeans_labels.json``) and the split is not compared with them;
+* which keep/forget images each micro-batch takes, and the posterior and noise draws, come from dori's
+  seeded generators (the parity test feeds both sides the same draws);
 * Eq. (4)'s n/(n-k) and k/(n-k) factors are absent, as in the reference code (the second disappears in the
   rescaling to ``scaling_norm``);
 * no gradient checkpointing or mixed precision settings (numerically the same in fp32); dori's draws come
