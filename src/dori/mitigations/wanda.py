@@ -13,22 +13,13 @@ Prune individual weights of the feed-forward output layers ``ff.net.2`` of every
 Settings follow the reference code (ruchikachavhan/concept-prune): sparsity 1% (``int(0.01 * in)`` per
 output row), the first 10 calls, the same seed (0) for every prompt, guidance 7.5. Finding Dori fits one
 mask on all memorized prompts (Table 1), and also per prompt and per group of 10 (Table 8), for 1 to 50
-calls (Table 9) and sparsities 1-10% (Table 10).
-
-Checked against the reference (PARITY.md §7): squared input norms within 5e-6 and bit-identical union
-masks in 16/16 layers when both run the same (PNDM) trajectory; IoU 0.996 with dori's DDIM trajectory.
-
-Deviations from the reference:
-
-* the reference samples with the pipeline's PNDM scheduler (51 UNet calls for 50 steps); dori uses its
-  own DDIM sampler (50 calls), and "the first N calls" counts UNet calls as the reference does (its first
-  calls include PNDM's warm-up, so call t is not at exactly the same timestep);
-* the reference draws the starting noise on the CUDA generator in fp16 and scores in fp16; dori draws it
-  from its own seeded generator and scores in float32 (so the same seed gives other noise than the
-  reference's; masks were bit-identical on the tiny model when both started from the same noise);
-* sampling stops after the N-th call, since later calls cannot change the masks; the null prompt is run
-  once and its squared column norms multiplied by the group size, which equals running it once per prompt
-  with the same seed; masks are stored bit-packed.
+calls (Table 9) and sparsities 1-10% (Table 10). Checked against the reference (PARITY.md §7): bit-identical union masks when both run one (PNDM) trajectory.
+Deviations from the reference: it samples with PNDM (51 UNet calls for 50 steps), dori with its own DDIM
+(50 calls; "the first N calls" counts UNet calls as the reference does, so call t is not at exactly the
+same timestep; IoU 0.996 on the tiny model); its starting noise is drawn on the CUDA generator in fp16 and
+scored in fp16, dori's from its own seeded generator in float32 (other noise for the same seed). Sampling
+stops after the N-th call (later calls cannot change the masks); the null prompt runs once, its squared
+column norms times the group size (= once per prompt with the same seed). Masks are stored bit-packed.
 """
 
 from __future__ import annotations
