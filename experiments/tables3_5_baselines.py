@@ -16,6 +16,10 @@ Per method, on the first ``--limit`` vm items of the world (one model for all it
   detector), reference settings otherwise (t = 999, summed losses, 35 steps x 16), scaling norm "auto" (10%
   of the keep gradient; 750 is SD v1.4's scale).
 
+``--first K`` starts at the K-th item (to split SISS's per-item models over processes); ``--fit-deadline S``
+starts no fit after S seconds (SISS stops between items) and audits what was fitted (the GPU script
+``experiments/tables3_5_gpu.sh`` uses both); ``--siss-steps`` and the per-item counts shrink a CPU trial.
+
 Each model is audited with :mod:`dori.evaluation` on the same items and seeds: from the memorized prompts and
 with Dori (``--dori-steps``, prompt and random init); SSCD_gen against the unmitigated model; FID/KID on
 ``--n-utility`` heldout pairs (not for SISS, whose models are per item). Writes ``OUT/table3_5.json`` and
@@ -40,12 +44,15 @@ from dori.mitigations.siss import SISS
 from dori.models.loading import load_model
 from dori.models.pipeline import SamplingConfig
 from dori.report.tables import format_table
-from dori.runs import RunDir, atomic_write_text
+from dori.runs import RunDir, atomic_write_text, safe_key
 
 cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 cli.add_argument("--model", default="miniworld")
 cli.add_argument("--set", default="vm")
 cli.add_argument("--limit", type=int, default=8)
+cli.add_argument(
+    "--first", type=int, default=0, help="index of the first item (to split items over processes)"
+)
 cli.add_argument("--device", default="cpu")
 cli.add_argument("--out", type=Path, default=Path("runs/table3_5"))
 cli.add_argument("--methods", default="siss,esd,ca", help="comma list, run in this order")
@@ -54,12 +61,20 @@ cli.add_argument("--esd-dtype", default="bfloat16")
 cli.add_argument("--ca-per-item", type=int, default=107)
 cli.add_argument("--anchor-images", type=int, default=64)
 cli.add_argument("--siss-images", type=int, default=128)
+cli.add_argument("--siss-steps", type=int, default=35, help="optimizer steps per item (reference 35)")
 cli.add_argument("--dori-steps", type=int, default=50)
 cli.add_argument("--n-gens", type=int, default=10)
 cli.add_argument("--sample-steps", type=int, default=50)
 cli.add_argument("--n-utility", type=int, default=100)
 cli.add_argument("--seed", type=int, default=0)
+cli.add_argument(
+    "--fit-deadline",
+    type=float,
+    default=None,
+    help="seconds after the start: no fit starts later (SISS stops between items); fitted models are audited",
+)
 opts = cli.parse_args()
+START = time.perf_counter()
 OUT: Path = opts.out
 OUT.mkdir(parents=True, exist_ok=True)
 PAPER = {  # SD v1.4, VM (Tables 3 and 5): sscd_orig, sscd_gen, a_clip, mr, fid
@@ -72,7 +87,7 @@ PAPER = {  # SD v1.4, VM (Tables 3 and 5): sscd_orig, sscd_gen, a_clip, mr, fid
 }
 
 model = load_model(opts.model, device=opts.device)
-items = load_set(opts.set, model, limit=opts.limit)
+items = load_set(opts.set, model, limit=opts.first + opts.limit)[opts.first :]
 n = len(items)
 backends = load_backends(model)
 similarity = copy_similarity(backends.copy_detector)
@@ -80,7 +95,9 @@ config = EvalConfig(
     n_gens=opts.n_gens, sampling=SamplingConfig(steps=opts.sample_steps, guidance=7.0), seed=opts.seed
 )
 run = RunDir(
-    OUT / "audit", {"model": opts.model, "set": opts.set, "limit": opts.limit, "dori_steps": opts.dori_steps}
+    OUT / "audit",
+    {"model": opts.model, "set": opts.set, "limit": opts.limit, "dori_steps": opts.dori_steps}
+    | ({"first": opts.first} if opts.first else {}),
 )
 util_items = load_set("heldout", model, limit=opts.n_utility) if opts.n_utility else []
 rows: list[dict] = []
@@ -154,6 +171,14 @@ def write() -> None:
     print(format_table(rows), flush=True)
 
 
+def past_deadline(what: str) -> bool:
+    late = opts.fit_deadline is not None and time.perf_counter() - START > opts.fit_deadline
+    if late:
+        settings.setdefault("not_fitted", []).append(what)
+        print(f"--fit-deadline {opts.fit_deadline} s passed: {what} not fitted", flush=True)
+    return late
+
+
 def timed(name: str, fn) -> None:
     start = time.perf_counter()
     fn()
@@ -165,6 +190,8 @@ def run_esd() -> None:
     esd = ESD(variant="paper", iterations=opts.esd_per_item * n, resolution=None, dtype=opts.esd_dtype)
     settings["esd"] = esd.settings()
     folder = OUT / "esd"
+    if not (folder / "finetune.json").exists() and past_deadline("esd"):
+        return
     timed("esd", lambda: None if (folder / "finetune.json").exists() else esd(model, items, folder))
     timed("audit.esd", lambda: audit("esd", load_model(str(folder), device=opts.device)))
 
@@ -175,6 +202,8 @@ def run_ca() -> None:
     avoid = [it.prompt for name in ("vm", "tm") for it in load_set(name, model)]
     anchors = {it.id: miniworld_anchors(it.prompt, 8, avoid, opts.seed) for it in items}
     folder = OUT / "ca"
+    if not (folder / "finetune.json").exists() and past_deadline("ca"):
+        return
 
     def fit() -> None:
         if not (folder / "finetune.json").exists():
@@ -185,18 +214,23 @@ def run_ca() -> None:
 
 
 def run_siss() -> None:
-    siss = SISS(variant="paper", scaling_norm=None, n_images=opts.siss_images, seed=opts.seed)
+    siss = SISS(
+        variant="paper", steps=opts.siss_steps, scaling_norm=None, n_images=opts.siss_images, seed=opts.seed
+    )
     settings["siss"] = siss.settings()
     folders: dict = {}
 
     def fit() -> None:
         def log(record: dict) -> None:
             if record.get("kind") == "skipped":
-                settings["siss_skipped"] = record["items"]
+                settings.setdefault("siss_skipped", {}).update(record["items"])
 
-        folders.update(
-            siss(model, items, OUT / "siss", similarity=similarity, threshold=backends.threshold, log=log)
-        )
+        for it in items:  # one folder per item (OUT/siss/<id>/<id>), so the deadline can stop between items
+            folder = OUT / "siss" / safe_key(it.id)
+            if not (folder / safe_key(it.id) / "finetune.json").exists() and past_deadline(f"siss {it.id}"):
+                break
+            kw = dict(similarity=similarity, threshold=backends.threshold, log=log)
+            folders.update(siss(model, [it], folder, **kw))
 
     def audit_siss() -> None:
         done = [(j, it) for j, it in enumerate(items) if it.id in folders]
