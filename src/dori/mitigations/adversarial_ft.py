@@ -22,8 +22,11 @@ Options cover Appendix I: the ablations of Table 16 (``steps_per_embedding=1``, 
 ``init_schedule``), and LoRA adapters instead of full fine-tuning (``lora_rank``, ``lora_convs``; App. I.5).
 
 The learning rate, batch sizes and number of adversarial embeddings per image are not published. The
-defaults here are chosen by experiment on the miniworld; ``docs/adversarial_ft.md`` records the sweep, the
-chosen values and the reasons.
+defaults here are chosen by experiment on the miniworld; ``docs/adversarial_ft.md`` records the world-v1 sweep
+(noise draws, utility batch and weight) and ``docs/results/adversarial_ft.md`` the 40-item runs behind the rest.
+Deviations from Algorithm 2 by default, each measured there: 12 epochs (paper 5); 4 searches per item and epoch,
+two fresh (prompt and random init) and two ``persistent`` ones that continue the previous epoch's search (the
+paper: one fresh search, the init alternating); caption dropout in the utility loss (``uncond_share``).
 
 With ``out``, every finished epoch is written to ``out/checkpoints/epoch-NNNN/`` as a diffusers folder
 (safetensors) plus ``train_state.pt`` (epoch, optimizer, random generator; the LoRA adapters in
