@@ -61,3 +61,54 @@ def test_story_fine_tunes_once_and_audits_prompt_and_random_init(tmp_path, monke
     assert json.loads((tmp_path / "advft_story.json").read_text())["rows"]["advft+dori"]["mr"] == 0.5
     story.run_advft_story(tmp_path, cfg)  # resumed: the finished fine-tuning is not run again
     assert calls["ft"] == 1
+
+
+def test_demo_fine_tunes_on_the_cpu_budget_and_opens_the_report_with_the_run_s_sentences(
+    tmp_path, monkeypatch
+):
+    """run_demo: Table 1's rows, then the fine-tuned model's (utility.none takes Table 1's FID), the CPU budget
+    on the CPU, and the report's first paragraphs are the sentences of these rows."""
+    import dori.recipes.demo as demo
+    import dori.report.html as html
+
+    seen = {}
+    table = {
+        "rows": [
+            {"setting": "none", "mr": 0.9, "n_items": 10, "fid": 3.0, "kid": 1.0},
+            {"setting": "nemo", "mr": 0.0, "n_items": 10},
+            {"setting": "nemo+dori", "mr": 0.8, "n_items": 10},
+        ],
+        "steps_rows": [],
+    }
+    monkeypatch.setattr(demo, "run_table1", lambda out, cfg: table)
+
+    def fake_story(out, cfg):
+        seen["story"] = cfg
+        return {
+            "rows": {
+                "advft": {"setting": "advft", "mr": 0.0, "n_items": 10},
+                "advft+dori": {"setting": "advft+dori", "mr": 0.0, "n_items": 10},
+                "advft+dori-random": {"setting": "advft+dori-random", "mr": 0.1, "n_items": 10},
+                "utility.none": {"setting": "utility.none", "a_clip": 0.8},
+                "utility.advft": {"setting": "utility.advft", "a_clip": 0.79, "fid": 4.0},
+            }
+        }
+
+    monkeypatch.setattr(story, "run_advft_story", fake_story)
+
+    def fake_report(folder, out, rows, title, intro_html):
+        seen["rows"], seen["intro"] = rows, intro_html
+        return out
+
+    monkeypatch.setattr(html, "build_report", fake_report)
+    result = demo.run_demo(tmp_path, demo.DemoConfig(limit=10, device="cpu", progress=False))
+    assert seen["story"].finetune == demo.CPU_ADVFT and seen["story"].limit == 10
+    settings = [r["setting"] for r in seen["rows"]]
+    assert settings == ["none", "nemo", "nemo+dori", "advft", "advft+dori", "advft+dori-random"] + [
+        "utility.none",
+        "utility.advft",
+    ]
+    assert next(r for r in seen["rows"] if r["setting"] == "utility.none")["fid"] == 3.0
+    assert "NeMo hides the images" in result["sentences"][1]
+    assert "Adversarial fine-tuning removes them" in result["sentences"][2]
+    assert seen["intro"].startswith("<p>" + result["sentences"][0])

@@ -4,8 +4,9 @@ removed them.
 
 Steps, linear, each resumable (run the same call again after a kill):
 
-1. adversarial fine-tuning of the items with the library defaults, surrogates from the model alone
-   (:mod:`dori.mitigations.self_surrogates`), into ``OUT/advft`` (checkpoints per epoch);
+1. adversarial fine-tuning of the items with the library defaults (or ``finetune``'s settings over them: the
+   demo's CPU budget), surrogates from the model alone (:mod:`dori.mitigations.self_surrogates`), into
+   ``OUT/advft`` (checkpoints per epoch);
 2. the fine-tuned model audited on the items: from the prompts and with Dori from the prompt
    (``OUT/audit-advft``, FID/KID on the utility set) and with Dori from random embeddings
    (``OUT/audit-advft-random``);
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dori.attacks.dori import Dori
@@ -46,6 +47,8 @@ class AdvFTStoryConfig:
     n_heldout: int = 12
     n_gens: int = 10
     dori_steps: int = 50
+    snapshots: tuple[int, ...] = ()  # Dori step counts also scored in the fine-tuned model's audits
+    finetune: dict = field(default_factory=dict)  # AdversarialFineTuning settings over the library defaults
     device: str | None = None
     seed: int = 0
     progress: bool = True
@@ -75,18 +78,19 @@ def run_advft_story(out: str | Path, cfg: AdvFTStoryConfig | None = None) -> dic
             aligner=lambda: backends.aligner,
         )  # fmt: skip
         utility = load_set(cfg.utility_train, model, limit=cfg.n_utility_train)
-        AdversarialFineTuning(seed=cfg.seed)(model, items, folder, surrogates=surrogates, utility=utility)
+        method = AdversarialFineTuning(**{"seed": cfg.seed, **cfg.finetune})
+        method(model, items, folder, surrogates=surrogates, utility=utility)
     timings["finetune"] = round(time.perf_counter() - t0, 1)
 
     common = dict(n_gens=cfg.n_gens, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
     jobs = {
         "audit-advft": AuditJob(
             model=str(folder), set=cfg.mem_set, limit=cfg.limit, attack=Dori(steps=cfg.dori_steps),
-            utility_set=cfg.utility_set, n_utility=cfg.n_utility, **common,
+            snapshots=cfg.snapshots, utility_set=cfg.utility_set, n_utility=cfg.n_utility, **common,
         ),
         "audit-advft-random": AuditJob(
             model=str(folder), set=cfg.mem_set, limit=cfg.limit, attack=Dori(steps=cfg.dori_steps, init="random"),
-            **common,
+            snapshots=cfg.snapshots, **common,
         ),
         "heldout-none": AuditJob(model=cfg.model, set=cfg.utility_set, limit=cfg.n_heldout, **common),
         "heldout-advft": AuditJob(model=str(folder), set=cfg.utility_set, limit=cfg.n_heldout, **common),
