@@ -222,3 +222,22 @@ def test_unlearndiffatk_stops_items_on_success(tiny):
     # prompt (stage 0); item 1 is attacked through every timestep and never succeeds
     assert res.stopped_at == [0, None]
     assert calls[0] == [0, 1] and all(c == [1] for c in calls[1:]) and len(calls) == 4
+
+
+def test_concept_ablation_empty_loss_mask_gives_zero_loss_not_nan(tiny):
+    """On small latents the reference's mask margin can leave no cell (the miniworld: a 10 px image in 32 px,
+    8 x 8 latents); that sample must add nothing instead of 0/0 = NaN, which an H200 run turned into NaN weights."""
+    from dori.mitigations.concept_ablation_data import Augment, resize_augment
+
+    factor = tiny.image_size // tiny.sample_shape[1]
+    img = torch.rand(3, tiny.image_size, tiny.image_size)
+    small = Augment(scale=tiny.image_size // 3, top=0, left=0, prefix="a far away ")
+    assert resize_augment(img, small, factor)[1].sum() == 0  # the rule itself leaves the mask empty
+    ca = ConceptAblation(steps=1)
+    inst = [(img, "a thing", "mem prompt")]
+    prior = [(img, "a thing", "mem prompt")]
+    l_abl, l_prior = ca.losses(tiny, inst, prior, [False, False], [small], torch.Generator().manual_seed(0))
+    assert float(l_abl) == 0.0 and torch.isfinite(l_prior)
+    full = Augment(scale=tiny.image_size, top=0, left=0, prefix="")
+    l_full, _ = ca.losses(tiny, inst, prior, [False, False], [full], torch.Generator().manual_seed(0))
+    assert float(l_full) > 0.0

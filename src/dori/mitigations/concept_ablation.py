@@ -40,6 +40,10 @@ Deviations from the reference:
   fp16 on a GPU) and at the model's own size (the reference: 512 px);
 * the loss mask uses the model's own pixel-to-latent factor (the reference hard-codes SD's 8; the
   miniworld's VAE downsamples by 4);
+* on small latents a shrunken image can leave no latent cell inside the reference's one-cell margin (the
+  miniworld's 8 x 8 latents at scale 10-15 px); such a sample's loss is 0 instead of the reference's 0/0 = NaN,
+  which on SD (at least 170 px of 512, 21 cells) never happens; an H200 run of 1,712 steps on 16 world items
+  ended in a model with non-finite generations before this guard;
 * ``scale_lr`` assumes one GPU and no gradient accumulation (the reference also multiplies by the number
   of GPUs: 4e-6 on two);
 * one model ablates all memorized prompts together (Finding Dori's setting); the reference runs one concept
@@ -329,7 +333,8 @@ class ConceptAblation:
         with torch.no_grad():
             target_abl = ca.unet_forward(x_t[:b], t[:b], emb_anchor).float()
         err = (pred[:b] - target_abl).pow(2) * mask
-        l_abl = (err.sum((1, 2, 3)) / mask.sum((1, 2, 3))).mean()
+        # an empty mask (possible only on small latents, see the deviations) gives the sample zero loss, not 0/0
+        l_abl = (err.sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1.0)).mean()
         l_prior = (pred[b:] - ca.target(x0[b:], noise[b:], t[b:]).float()).pow(2).mean()
         return l_abl, l_prior
 
