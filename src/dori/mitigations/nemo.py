@@ -40,9 +40,11 @@ Reference behaviour whatever the variant (named options give the alternatives):
   activations as the signed mean over tokens (|z| then measures the deviation), top-k on z, and the same
   noise settings for the threshold. Our reading of the text; the loop structure is the reference's.
 
-Deviations from the reference (both variants): k stops at the widest value layer, not at the
-reference's constant 1280 (equal on SD v1.4 and 2; on smaller models each further step would block every
-neuron again and score the same); the noise differences of all prompts and seeds being
+Deviations from the reference (both variants): k stops at ``max_neurons`` (default: the widest value layer),
+not at the reference's constant 1280 (equal on SD v1.4 and 2). On a smaller model, once theta has stopped
+moving, every step from k = widest on blocks the same neurons and scores the same, so the reference's last
+blocking (k = 1279) is reached with ``max_neurons = widest + 1`` (or 1280); the default stops one step
+earlier, where the top-k does not yet hold every neuron of the widest layers; the noise differences of all prompts and seeds being
 evaluated are computed in shared UNet batches (per-row masks); MS-SSIM falls back to a smaller window on
 models whose latents are smaller than 44 x 44 (:func:`dori.metrics.ssim.ms_ssim_settings`).
 """
