@@ -33,7 +33,7 @@ class DemoConfig:
     """Settings of the demo (defaults: ``dori demo``'s)."""
 
     model: str = "miniworld"
-    limit: int | None = 12
+    limit: int | None = 4
     n_utility: int = 100
     advft: bool = True
     device: str | None = None
