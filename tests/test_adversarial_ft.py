@@ -363,3 +363,49 @@ def test_uncond_share_trains_the_empty_prompt_on_utility_images(tiny, monkeypatc
     assert 0.35 < shares[0.5] < 0.65
     with pytest.raises(DoriError, match="uncond_share"):
         AdversarialFineTuning(uncond_share=1.0)
+
+
+def test_ema_returns_the_average_of_the_trained_weights_and_survives_a_resume(tiny, tmp_path):
+    """After one update w1 from w0, ``ema=d`` returns d * w0 + (1 - d) * w1 (same draws as without EMA); a run
+    resumed from its epoch-1 checkpoint returns the same average as one never interrupted."""
+    items, utility = _items(1, 1, "m"), _items(3, 2, "u")
+    surr = _surrogates(items)
+    one = dict(epochs=1, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=2)
+    plain = AdversarialFineTuning(**one)(tiny, items, surrogates=surr, utility=utility)
+    averaged = AdversarialFineTuning(**one, ema=0.75)(tiny, items, surrogates=surr, utility=utility)
+    moved = 0
+    for w0, w1, avg in zip(tiny.unet.parameters(), plain.unet.parameters(), averaged.unet.parameters(), strict=True):
+        torch.testing.assert_close(avg, 0.75 * w0 + 0.25 * w1, rtol=0, atol=1e-7)
+        moved += int(not torch.equal(w0, w1))
+    assert moved > 0
+
+    cfg = dict(one, steps_per_embedding=2, ema=0.9)
+    full = AdversarialFineTuning(**dict(cfg, epochs=2))(
+        tiny, items, tmp_path / "a", surrogates=surr, utility=utility
+    )
+    AdversarialFineTuning(**cfg)(tiny, items, tmp_path / "b", surrogates=surr, utility=utility)
+    resumed = AdversarialFineTuning(**dict(cfg, epochs=2))(
+        tiny, items, tmp_path / "b", surrogates=surr, utility=utility
+    )
+    for p, q in zip(full.unet.parameters(), resumed.unet.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    with pytest.raises(DoriError, match="ema"):
+        AdversarialFineTuning(ema=1.0)
+
+
+def test_cosine_schedule_lowers_the_learning_rate_epoch_by_epoch(tiny):
+    ft = AdversarialFineTuning(epochs=4, lr=1e-4, lr_schedule="cosine")
+    assert [round(ft.lr_for_epoch(e) / 1e-4, 6) for e in (1, 2, 3, 4)] == [1.0, 0.853553, 0.5, 0.146447]
+    assert AdversarialFineTuning(epochs=4, lr=1e-4).lr_for_epoch(4) == 1e-4
+    # the optimizer trains at that rate: epoch 2's first update of a 2-epoch cosine run moves the weights less
+    # than the same update at the constant rate would
+    items, utility = _items(1, 3, "m"), _items(2, 2, "u")
+    surr = _surrogates(items)
+    cfg = dict(epochs=2, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=1)
+    const = AdversarialFineTuning(**cfg)(tiny, items, surrogates=surr, utility=utility)
+    cos = AdversarialFineTuning(**cfg, lr_schedule="cosine")(tiny, items, surrogates=surr, utility=utility)
+    d_const = sum(float((p - q).abs().sum()) for p, q in zip(tiny.unet.parameters(), const.unet.parameters()))
+    d_cos = sum(float((p - q).abs().sum()) for p, q in zip(tiny.unet.parameters(), cos.unet.parameters()))
+    assert d_cos < d_const  # epoch 2 ran at lr / 2
+    with pytest.raises(DoriError, match="lr_schedule"):
+        AdversarialFineTuning(lr_schedule="linear")

@@ -18,7 +18,7 @@ from dori.commands.finetune_common import (
     log_to_stderr,
     surrogates,
 )
-from dori.mitigations.adversarial_ft import INIT_SCHEDULES
+from dori.mitigations.adversarial_ft import INIT_SCHEDULES, LR_SCHEDULES
 
 
 def add_method(methods) -> None:
@@ -65,6 +65,11 @@ def add_method(methods) -> None:
         "--uncond-share", type=float, default=None,
         help="share of utility pairs trained with the empty prompt (caption dropout; default: the method's)",
     )  # fmt: skip
+    g.add_argument(
+        "--ema", type=float, default=None,
+        help="keep an exponential moving average of the weights with this decay and return it (default: the method's)",
+    )  # fmt: skip
+    g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES, help="default: the method's")
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
@@ -111,6 +116,8 @@ def method_from_args(args):
         lora_convs=args.lora_convs,
         stop_mr=args.stop_mr,
         stop_generations=args.stop_generations,
+        ema=defaults.ema if args.ema is None else (args.ema or None),
+        lr_schedule=args.lr_schedule or defaults.lr_schedule,
         seed=args.seed,
         autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
     )

@@ -38,6 +38,7 @@ was never interrupted; a larger ``epochs`` continues a finished run.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -58,6 +59,7 @@ from dori.models.identity import model_sources, weights_fingerprint
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 INIT_SCHEDULES = ("alternate", "prompt", "random", "both")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -102,6 +104,11 @@ class AdversarialFineTuning:
             ``stop_generations`` images per item; the model kept is the one after the previous epoch). None:
             always run ``epochs`` epochs (Algorithm 2).
         stop_generations: generations per item for that check (seeds 0..n-1).
+        ema: decay of an exponential moving average of the trained weights, updated after every step; the
+            model returned (and saved in ``out``) is the average. None: the weights of the last step.
+            Checkpoints hold the training weights, the average travels in their state.
+        lr_schedule: ``constant`` (Algorithm 2) or ``cosine`` (epoch e of E trains at
+            lr * (1 + cos(pi (e - 1) / E)) / 2, so the last epochs move the weights least).
         seed: seeds every random draw of the run (item order, surrogate and utility draws, noise, t, Dori).
         autocast_dtype: optional autocast dtype for forward passes (torch.bfloat16 on GPU).
         max_micro_batch: Dori's micro-batch bound (memory).
@@ -131,6 +138,8 @@ class AdversarialFineTuning:
     lora_convs: bool = False
     stop_mr: float | None = None
     stop_generations: int = 4
+    ema: float | None = None
+    lr_schedule: str = "constant"
     seed: int = 0
     autocast_dtype: torch.dtype | None = None
     max_micro_batch: int = 256
@@ -168,6 +177,10 @@ class AdversarialFineTuning:
             raise DoriError("dori_steps must be >= 0")
         if self.stop_mr is not None and not (0 <= self.stop_mr < 1 and self.stop_generations >= 1):
             raise DoriError("stop_mr must be in [0, 1) and stop_generations >= 1")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise DoriError(f"ema must be in (0, 1), got {self.ema}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DoriError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.utility_weight > 0:
             raise DoriError(f"utility_weight must be > 0, got {self.utility_weight}")
 
@@ -175,6 +188,12 @@ class AdversarialFineTuning:
         d = asdict(self)
         d["autocast_dtype"] = str(self.autocast_dtype) if self.autocast_dtype else None
         return d
+
+    def lr_for_epoch(self, epoch: int) -> float:
+        """The learning rate of a 1-based epoch under ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.epochs))
+        return self.lr
 
     def init_for_epoch(self, epoch: int) -> str:
         """``prompt`` or ``random`` for a 1-based epoch (Algorithm 2: odd epochs start from the prompt);
@@ -252,6 +271,7 @@ class AdversarialFineTuning:
         }
         start = 1
         carried: torch.Tensor | None = None  # the previous epoch's final embeddings (``persistent``)
+        ema = [p.detach().clone() for p in params] if self.ema is not None else None
         if out is not None:
             out = Path(out)
             free = ("epochs", "stop_mr", "stop_generations")  # a run may be continued with other values
@@ -259,7 +279,10 @@ class AdversarialFineTuning:
             binding["model"] = weights_fingerprint(model)
             check_config(out, binding, model_sources(model))
             start = resume(out, ft, opt, gen)
-            carried = resume_extra(out).get("y_adv")
+            state = resume_extra(out)
+            carried = state.get("y_adv")
+            if self.ema is not None and "ema" in state:
+                ema = [e.to(p.device, p.dtype) for e, p in zip(state["ema"], params, strict=True)]
         emit = LossLog(out, start, log)
         if start == 1:
             emit({"kind": "start", "items": len(usable), "skipped": skipped, "utility": len(utility)})
@@ -275,7 +298,9 @@ class AdversarialFineTuning:
                     done = epoch - 1  # the model after the previous epoch resists this epoch's Dori
                     break
             t1 = time.perf_counter()
-            sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit)
+            for group in opt.param_groups:
+                group["lr"] = self.lr_for_epoch(epoch)
+            sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit, ema)
             t2 = time.perf_counter()
             emit(
                 {
@@ -292,8 +317,13 @@ class AdversarialFineTuning:
             )
             carried = y_adv.detach().cpu() if self.persistent and y_adv is not None else None
             if out is not None:
-                extra = {"y_adv": carried} if carried is not None else None
-                save_checkpoint(out, ft, opt, gen, epoch, record, extra)
+                extra = {"y_adv": carried} if carried is not None else {}
+                if ema is not None:
+                    extra["ema"] = [e.detach().cpu() for e in ema]
+                save_checkpoint(out, ft, opt, gen, epoch, record, extra or None)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(params, ema)
         if self.lora_rank is not None:
             lora_mod.merge_lora(ft.unet)
         finish(ft)
@@ -383,6 +413,7 @@ class AdversarialFineTuning:
         gen: torch.Generator,
         epoch: int,
         emit: Callable[[dict], None],
+        ema: list[torch.Tensor] | None = None,
     ) -> dict:
         ft.unet.train()
         device, k, d = ft.device, self.embeddings_per_item, self.noise_draws
@@ -428,6 +459,9 @@ class AdversarialFineTuning:
                 clip = self.grad_clip if self.grad_clip is not None else float("inf")
                 gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
                 opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - self.ema)
                 totals["l_adv"] += float(l_adv.detach())
                 totals["l_util"] += float(l_util.detach())
                 totals["steps"] += 1
