@@ -370,11 +370,15 @@ def test_ema_returns_the_average_of_the_trained_weights_and_survives_a_resume(ti
     resumed from its epoch-1 checkpoint returns the same average as one never interrupted."""
     items, utility = _items(1, 1, "m"), _items(3, 2, "u")
     surr = _surrogates(items)
-    one = dict(epochs=1, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=2)
+    one = dict(
+        epochs=1, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=2
+    )
     plain = AdversarialFineTuning(**one)(tiny, items, surrogates=surr, utility=utility)
     averaged = AdversarialFineTuning(**one, ema=0.75)(tiny, items, surrogates=surr, utility=utility)
     moved = 0
-    for w0, w1, avg in zip(tiny.unet.parameters(), plain.unet.parameters(), averaged.unet.parameters(), strict=True):
+    for w0, w1, avg in zip(
+        tiny.unet.parameters(), plain.unet.parameters(), averaged.unet.parameters(), strict=True
+    ):
         torch.testing.assert_close(avg, 0.75 * w0 + 0.25 * w1, rtol=0, atol=1e-7)
         moved += int(not torch.equal(w0, w1))
     assert moved > 0
@@ -401,11 +405,19 @@ def test_cosine_schedule_lowers_the_learning_rate_epoch_by_epoch(tiny):
     # than the same update at the constant rate would
     items, utility = _items(1, 3, "m"), _items(2, 2, "u")
     surr = _surrogates(items)
-    cfg = dict(epochs=2, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=1)
+    cfg = dict(
+        epochs=2, steps_per_embedding=1, dori_steps=1, utility_batch=2, lr=1e-3, grad_clip=None, seed=1
+    )
     const = AdversarialFineTuning(**cfg)(tiny, items, surrogates=surr, utility=utility)
     cos = AdversarialFineTuning(**cfg, lr_schedule="cosine")(tiny, items, surrogates=surr, utility=utility)
-    d_const = sum(float((p - q).abs().sum()) for p, q in zip(tiny.unet.parameters(), const.unet.parameters()))
-    d_cos = sum(float((p - q).abs().sum()) for p, q in zip(tiny.unet.parameters(), cos.unet.parameters()))
+
+    def moved(m):
+        return sum(
+            float((p - q).abs().sum())
+            for p, q in zip(tiny.unet.parameters(), m.unet.parameters(), strict=True)
+        )
+
+    d_const, d_cos = moved(const), moved(cos)
     assert d_cos < d_const  # epoch 2 ran at lr / 2
     with pytest.raises(DoriError, match="lr_schedule"):
         AdversarialFineTuning(lr_schedule="linear")
