@@ -3,20 +3,26 @@
 # default on CUDA), the same under `torchrun --nproc_per_node 1`, and bench_sd's NeMo/Wanda rows (library vs
 # plain loops). Run from the repository root on the GPU machine; logs and JSON go to $OUT.
 #   N=16 N_TORCHRUN=8 bash benchmarks/gpu_cli_audit.sh
+#   AUDIT_ONLY=1 EXTRA=--compile N=16 bash benchmarks/gpu_cli_audit.sh     (the first audit only, with extra options)
 set -uo pipefail
 N=${N:-16}
 N_TORCHRUN=${N_TORCHRUN:-8}
 MODEL=${MODEL:-sd14-random}
 BENCH=${BENCH:-}
 W=${W:-/tmp/w}
+EXTRA=${EXTRA:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
 [ -d .whl ] && python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 benchmarks/cli_audit_inputs.py --out "$W" --n "$N" || exit 1
 COMMON=(audit --model "$MODEL" --set vm --images "$W/images" --sscd "$W/sscd.pt" --attack dori --snapshots none --no-progress)
 s=$SECONDS
-python3 -m dori "${COMMON[@]}" --limit "$N" --out "$W/a1" --json "$OUT/a1.json" 2>&1 | grep --line-buffered -v "^Loading\|should be kept" | tee "$OUT/a1.log"
+python3 -m dori "${COMMON[@]}" $EXTRA --limit "$N" --out "$W/a1" --json "$OUT/a1.json" 2>&1 | grep --line-buffered -v "^Loading\|should be kept" | tee "$OUT/a1.log"
 echo "a1 wall $((SECONDS - s)) s" | tee -a "$OUT/a1.log"
+if [ -n "${AUDIT_ONLY:-}" ]; then
+  python3 -c "import json; t = json.load(open('$OUT/a1.json'))['timing']; print({k: v for k, v in t.items() if k != 'phases'}); print([(p['phase'], round(p['seconds'], 1), p['items']) for p in t['phases']])"
+  exit 0
+fi
 python3 benchmarks/bench_sd.py --hooks-only --fast-repeats 3 $BENCH --out "$OUT/hooks.json" 2>&1 | tail -12 | tee "$OUT/hooks.log"
 s=$SECONDS
 python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m dori "${COMMON[@]}" --limit "$N_TORCHRUN" \
