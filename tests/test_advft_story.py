@@ -9,7 +9,15 @@ import dori.recipes.advft_story as story
 
 
 def _audit(key_rows):
-    return {"rows": [{"key": k, "set": "s", "mr": mr, "n_items": 12, "fid": fid} for k, mr, fid in key_rows]}
+    def row(k, mr, fid):
+        util = (
+            {}
+            if fid is None
+            else {"a_clip_utility": {"median": fid / 10, "n": 100}, "utility_set": "heldout"}
+        )
+        return {"key": k, "set": "s", "mr": mr, "n_items": 12, "fid": fid, **util}
+
+    return {"rows": [row(*r) for r in key_rows]}
 
 
 def test_story_fine_tunes_once_and_audits_prompt_and_random_init(tmp_path, monkeypatch):
@@ -38,7 +46,8 @@ def test_story_fine_tunes_once_and_audits_prompt_and_random_init(tmp_path, monke
     def fake_audit(out, job):
         calls["jobs"][out.name] = job
         mr = {"audit-advft": 0.5, "audit-advft-random": 0.25}.get(out.name, 0.0)
-        return _audit([("none", 0.0, 5.0 if out.name == "audit-advft" else None), ("none+dori-50", mr, None)])
+        fid = {"audit-advft": 5.0, "audit-none": 3.0}.get(out.name)
+        return _audit([("none", 0.9 if out.name == "audit-none" else 0.0, fid), ("none+dori-50", mr, None)])
 
     monkeypatch.setattr(story, "open_model", lambda *a: object())
     monkeypatch.setattr(story, "load_set", lambda name, model=None, limit=None: [name] * (limit or 40))
@@ -53,20 +62,32 @@ def test_story_fine_tunes_once_and_audits_prompt_and_random_init(tmp_path, monke
     assert jobs["audit-advft"].attack.init == "prompt" and jobs["audit-advft"].attack.steps == 50
     assert jobs["audit-advft-random"].attack.init == "random"
     assert jobs["audit-advft"].model == str(tmp_path / "advft") and jobs["audit-advft"].limit == 12
-    assert jobs["heldout-none"].model == "miniworld" and jobs["heldout-advft"].set == "heldout"
+    assert jobs["audit-advft"].utility_set == "heldout" and jobs["audit-advft"].n_utility == 100
+    # no unmitigated row given: the recipe audits the unmitigated model's utility itself, same prompts and seed
+    assert jobs["audit-none"].model == "miniworld" and jobs["audit-none"].utility_set == "heldout"
+    assert jobs["audit-none"].seed == jobs["audit-advft"].seed and jobs["audit-none"].attack is None
     rows = result["rows"]
     assert rows["advft"]["mr"] == 0.0 and rows["advft+dori"]["mr"] == 0.5
     assert rows["advft+dori-random"]["mr"] == 0.25 and rows["utility.advft"]["fid"] == 5.0
+    assert rows["utility.advft"]["a_clip"] == {"median": 0.5, "n": 100} and rows["utility.none"]["fid"] == 3.0
     assert result["finetune"] == {"epochs_done": 8}  # the utility id list is left out
     assert json.loads((tmp_path / "advft_story.json").read_text())["rows"]["advft+dori"]["mr"] == 0.5
-    story.run_advft_story(tmp_path, cfg)  # resumed: the finished fine-tuning is not run again
-    assert calls["ft"] == 1
+    calls[
+        "jobs"
+    ].clear()  # resumed: the finished fine-tuning is not run again; a given unmitigated row is used
+    given = {"fid": 2.5, "kid": 0.1, "a_clip_utility": {"median": 0.7, "n": 100}, "utility_set": "heldout"}
+    again = story.run_advft_story(tmp_path, cfg, unmitigated=given)
+    assert calls["ft"] == 1 and "audit-none" not in calls["jobs"]
+    assert (
+        again["rows"]["utility.none"]["fid"] == 2.5
+        and again["rows"]["utility.none"]["a_clip"]["median"] == 0.7
+    )
 
 
 def test_demo_fine_tunes_on_the_cpu_budget_and_opens_the_report_with_the_run_s_sentences(
     tmp_path, monkeypatch
 ):
-    """run_demo: Table 1's rows, then the fine-tuned model's (utility.none takes Table 1's FID), the CPU budget
+    """run_demo: Table 1's rows, then the fine-tuned model's (its unmitigated utility is Table 1's), the CPU budget
     on the CPU, and the report's first paragraphs are the sentences of these rows."""
     import dori.recipes.demo as demo
     import dori.report.html as html
@@ -82,8 +103,8 @@ def test_demo_fine_tunes_on_the_cpu_budget_and_opens_the_report_with_the_run_s_s
     }
     monkeypatch.setattr(demo, "run_table1", lambda out, cfg: table)
 
-    def fake_story(out, cfg):
-        seen["story"] = cfg
+    def fake_story(out, cfg, unmitigated=None):
+        seen["story"], seen["unmitigated"] = cfg, unmitigated
         return {
             "rows": {
                 "advft": {"setting": "advft", "mr": 0.0, "n_items": 10},
@@ -108,7 +129,7 @@ def test_demo_fine_tunes_on_the_cpu_budget_and_opens_the_report_with_the_run_s_s
         "utility.none",
         "utility.advft",
     ]
-    assert next(r for r in seen["rows"] if r["setting"] == "utility.none")["fid"] == 3.0
+    assert seen["unmitigated"]["setting"] == "none" and seen["unmitigated"]["fid"] == 3.0  # Table 1's row
     assert "NeMo hides the images" in result["sentences"][1]
     assert "Adversarial fine-tuning removes them" in result["sentences"][2]
     assert seen["intro"].startswith("<p>" + result["sentences"][0])

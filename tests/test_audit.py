@@ -388,3 +388,53 @@ def test_audit_norm_ball_bounds_the_searched_embeddings(tmp_path, capsys):
         assert float(saved["init"].norm()) > 5.0  # the prompt's embedding lies outside the ball ...
         assert float(saved["embedding"].norm()) <= 5.0 + 1e-4  # ... and every step is projected back
         assert torch.all(saved["norms"] <= 5.0 + 1e-4)
+
+
+def test_share_unmitigated_reuses_the_none_rows_and_utility_of_another_mitigation_s_audit(
+    tiny, tmp_path, monkeypatch
+):
+    """Table 1's Wanda audit takes the unmitigated rows and utility from the NeMo audit: the rows equal an audit
+    that generated everything itself, the unmitigated model generates nothing, and another protocol shares
+    nothing. The utility rows carry A_CLIP of the utility generations with their prompts."""
+    from dori.audit import Utility
+    from dori.audit_run import audit_to_folder, share_unmitigated
+
+    items = user_set(write_items(tmp_path / "d", n=3, missing=False), image_size=16)
+    ref = [it.image for it in items]
+    utility = Utility("toy", [it.prompt for it in items] + ["another caption"], lambda: ref)
+
+    def audit(out, factor, seed=3, share_from=None):
+        config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2), seed=seed)
+        return audit_to_folder(
+            tmp_path / out, tiny, items, "toy", fake_backends(), config, mitigation=ScaleMitigation(factor),
+            attack=None, snapshots=(), utility=utility, progress=False, report=False, share_from=share_from,
+        )  # fmt: skip
+
+    first = audit("a", 1.0)
+    alone = audit("b", 0.5)
+    sampled = []
+    real_sample = tiny.sample
+
+    def counting_sample(emb, seeds, *args, **kwargs):
+        sampled.append(len(seeds))
+        return real_sample(emb, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "sample", counting_sample)
+    shared = audit("c", 0.5, share_from=tmp_path / "a")
+    assert shared["rows"] == alone["rows"]
+    # only the mitigated model generated: 3 items x 2 generations, then 4 utility prompts
+    assert sampled == [6, 4]
+    assert (tmp_path / "c" / "results" / "item.none.it0.json").read_bytes() == (
+        tmp_path / "a" / "results" / "item.none.it0.json"
+    ).read_bytes()
+    none_row = next(r for r in shared["rows"] if r["key"] == "none" and r["set"] == "toy")
+    assert none_row["fid"] == next(r for r in first["rows"] if r["key"] == "none")["fid"]
+    clip = none_row["a_clip_utility"]
+    assert clip["n"] == 4 and -1.0 <= clip["median"] <= 1.0 and clip["mean"] != 0.0
+    scale_row = next(r for r in shared["rows"] if r["key"] == "scale" and r["set"] == "toy")
+    assert scale_row["a_clip_utility"]["n"] == 4 and scale_row["fid"] != none_row["fid"]
+    sampled.clear()
+    other = audit("d", 0.5, seed=4)
+    assert share_unmitigated(tmp_path / "a", RunDir(tmp_path / "d")) == 0  # other seeds: nothing shared
+    assert share_unmitigated(tmp_path / "missing", RunDir(tmp_path / "d")) == 0
+    assert other["rows"] != alone["rows"]

@@ -360,7 +360,8 @@ def run_audit(
                 row["dori_norm_ratio"] = M.median_mad(ratios)
             if tag in util:
                 row.update(
-                    fid=util[tag]["fid"], kid=util[tag]["kid"], utility_set=utility.name,
+                    fid=util[tag]["fid"], kid=util[tag]["kid"], a_clip_utility=util[tag].get("a_clip"),
+                    utility_set=utility.name,
                     fid_reference=f"{utility.name}: {util[tag]['n_reference']} reference images, "
                     f"{util[tag]['n_generated']} generations",
                 )  # fmt: skip

@@ -3,12 +3,14 @@
 :func:`audit_to_folder` opens (or resumes) the run directory, runs :func:`dori.audit.run_audit` with the given
 attack and mitigation objects, writes ``audit.json`` (rows, settings, protocol, provenance) and the HTML
 report. The helpers build its inputs from plain settings: :func:`window` (a slice of a set),
-:func:`utility_set` (FID/KID prompts and reference images).
+:func:`utility_set` (FID/KID prompts and reference images). :func:`share_unmitigated` lets audits of several
+mitigations of one model (Table 1's NeMo and Wanda) generate the unmitigated model's rows once.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,44 @@ def window(items: Sequence[Item], skip: int = 0, limit: int | None = None) -> li
     if not out:
         raise DoriError(f"no items left: the set has {len(items)}, skipping {skip}")
     return out
+
+
+# what an audit stores about the unmitigated model: its rows' records and generations, its utility (FID/KID and
+# A_CLIP on the utility set) and the utility reference features, and its concept utility
+_UNMITIGATED_RESULTS = ("item.none.", "utility.none", "concept.none.")
+_UNMITIGATED_ARTIFACTS = ("gen.none.", "utility.none.", "utility.reference.", "concept.none.")
+
+
+def share_unmitigated(src: str | Path, run: RunDir) -> int:
+    """Copy the unmitigated model's records of the audit folder ``src`` into ``run`` where ``run`` lacks them.
+
+    The rows of the model without mitigation (``none``) and its utility depend on the model, the items, the
+    protocol (seeds, generations, sampling), the attack settings' folder-wide record and the utility set, not on
+    the mitigation; so they are copied only when the two folders' settings (``config.json``) agree on
+    everything but ``mitigation``. Otherwise nothing is copied and ``run`` computes its own. Returns the number
+    of files copied (0 when nothing could be shared).
+    """
+    src = Path(src)
+    try:
+        theirs = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    mine = run.config
+    if {k: v for k, v in theirs.items() if k != "mitigation"} != {
+        k: v for k, v in mine.items() if k != "mitigation"
+    }:
+        return 0
+    copied = 0
+    for kind, prefixes in (("results", _UNMITIGATED_RESULTS), ("artifacts", _UNMITIGATED_ARTIFACTS)):
+        for f in sorted((src / kind).glob("*")):
+            dest = run.path / kind / f.name
+            if not f.name.startswith(prefixes) or dest.exists() or f.name.endswith((".tmp", ".corrupt")):
+                continue
+            tmp = dest.with_name(f".{dest.name}.copy")
+            shutil.copyfile(f, tmp)
+            tmp.replace(dest)
+            copied += 1
+    return copied
 
 
 def utility_set(
@@ -93,6 +133,7 @@ def audit_to_folder(
     detection: str | Path | None = None,
     startup_s: float | None = None,
     compile_s: float | None = None,
+    share_from: str | Path | None = None,
 ) -> dict:
     """Run (or resume) an audit into ``out``; returns the ``audit.json`` content.
 
@@ -108,6 +149,8 @@ def audit_to_folder(
             the MR per step budget, and the largest budget whose control rate stays <= ``control_level``.
         detection: a ``dori detect`` run directory whose scores the report joins (same model only).
         startup_s / compile_s: seconds spent before the audit (loading, probes) and compiling, for the timing.
+        share_from: a finished audit folder of the same model, items and protocol under another mitigation:
+            its unmitigated rows and utility are reused, not generated again (:func:`share_unmitigated`).
     """
     from dori.mitigations.base import spec
 
@@ -139,6 +182,8 @@ def audit_to_folder(
                 "protocol": config.describe(),
             },
         )
+        if share_from is not None and distributed.is_main():
+            share_unmitigated(share_from, run)
     result = run_audit(
         model, items, set_name, backends, run, config, mitigation=mitigation, attack=attack,
         init_prompts=init_prompts, snapshots=snapshots, utility=utility, progress=progress,

@@ -1,5 +1,6 @@
 """Utility of a model state: FID and KID of one generation per utility prompt against reference images
-(Inception features), generated in resumable chunks (see :mod:`dori.evaluation` for the seeds)."""
+(Inception features), and the generations' CLIP alignment with their prompts (A_CLIP on the utility set),
+generated in resumable chunks (see :mod:`dori.evaluation` for the seeds)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def utility_scores(
     mitigation: MitigationContext | None = None,
     progress: bool = True,
 ) -> dict:
-    """FID and KID of one generation per utility prompt against reference images (Inception features).
+    """FID and KID of one generation per utility prompt against reference images (Inception features), and
+    ``a_clip``: the cosine of CLIP image and text features of each generation and its prompt (median, mean and n
+    over the prompts; None without a CLIP model or for chunks written before it was recorded).
 
     Args:
         prompts: the utility prompts (COCO captions, or a world's held-out captions).
@@ -78,20 +81,31 @@ def utility_scores(
                 require_finite(
                     images.float().reshape(1, -1), "FID generations", tag, [f"utility prompts {lo}+"]
                 )
-                feats = embed(backends.features, list(to_uint8(images).float() / 255), config.feature_batch)
-                atomic_save_tensors(path, {"features": feats})
+                imgs = list(to_uint8(images).float() / 255)
+                tensors = {"features": embed(backends.features, imgs, config.feature_batch)}
+                if backends.aligner is not None:
+                    img = embed(backends.aligner.image_features, imgs, config.feature_batch)
+                    txt = backends.aligner.text_features(list(part)).float().cpu()
+                    tensors["a_clip"] = M.paired_cosine(img, txt)
+                atomic_save_tensors(path, tensors)
             else:
                 bar.update(len(part))
     finally:
         bar.close()
     distributed.sync()
-    gen = torch.cat([load_tensors(_chunk_path(run, tag, lo))["features"] for lo in starts])
+    chunks = [load_tensors(_chunk_path(run, tag, lo)) for lo in starts]
+    gen = torch.cat([c["features"] for c in chunks])
+    a_clip = None
+    if all("a_clip" in c for c in chunks):
+        scores = torch.cat([c["a_clip"] for c in chunks])
+        a_clip = {"median": float(scores.median()), "mean": float(scores.mean()), "n": int(scores.numel())}
     result = {
         "tag": tag,
         "n_generated": int(gen.shape[0]),
         "n_reference": int(ref.shape[0]),
         "fid": M.fid(gen, ref),
         "kid": M.kid(gen, ref, seed=config.seed),
+        "a_clip": a_clip,
     }
     if distributed.is_main():
         run.put(key, result)

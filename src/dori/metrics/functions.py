@@ -75,6 +75,13 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of row i of ``a`` (N, D) with row i of ``b`` (N, D) -> (N,), float32."""
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    return (a * b).sum(-1)
+
+
 def median(values: Sequence[float] | np.ndarray) -> float:
     """Median of a non-empty sequence (nan when empty)."""
     arr = np.asarray(values, dtype=np.float64)

@@ -8,12 +8,14 @@ Steps, linear, each resumable (run the same call again after a kill):
    demo's CPU budget), surrogates from the model alone (:mod:`dori.mitigations.self_surrogates`), into
    ``OUT/advft`` (checkpoints per epoch);
 2. the fine-tuned model audited on the items: from the prompts and with Dori from the prompt
-   (``OUT/audit-advft``, FID/KID on the utility set) and with Dori from random embeddings
-   (``OUT/audit-advft-random``);
-3. text alignment on held-out captions, unmitigated and fine-tuned (``OUT/heldout-none``, ``OUT/heldout-advft``).
+   (``OUT/audit-advft``, with its utility: one generation per held-out caption, FID/KID against the held-out
+   images and A_CLIP against the captions) and with Dori from random embeddings (``OUT/audit-advft-random``);
+3. the same utility of the unmitigated model: given by the caller (the demo passes Table 1's ``none`` row, whose
+   audit generated it with the same prompts and seeds), else audited here (``OUT/audit-none``).
 
 Rows (settings named as in Table 1's JSON): ``advft``, ``advft+dori``, ``advft+dori-random``, ``utility.none``,
-``utility.advft``. Written to ``OUT/advft_story.json``.
+``utility.advft`` (``a_clip``: median, mean and n over the held-out captions; ``fid``, ``kid``). Written to
+``OUT/advft_story.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ class AdvFTStoryConfig:
     n_utility_train: int = 2000
     utility_set: str = "heldout"  # FID/KID prompts, and the captions of the A_CLIP rows
     n_utility: int = 100
-    n_heldout: int = 12
     n_gens: int = 10
     dori_steps: int = 50
     snapshots: tuple[int, ...] = ()  # Dori step counts also scored in the fine-tuned model's audits
@@ -61,8 +62,29 @@ def _pick(audit: dict, key: str, name: str) -> dict | None:
     return None
 
 
-def run_advft_story(out: str | Path, cfg: AdvFTStoryConfig | None = None) -> dict:
-    """Run (or resume) the recipe into ``out``; returns the rows (see module docstring)."""
+def _utility_row(row: dict | None, name: str) -> dict | None:
+    """The utility of an audit's ``none`` row (the model without mitigation) as a row of its own."""
+    if row is None or row.get("fid") is None:
+        return None
+    return {
+        "setting": name,
+        "set": row.get("utility_set"),
+        "n_items": (row.get("a_clip_utility") or {}).get("n"),
+        "a_clip": row.get("a_clip_utility"),
+        "fid": row.get("fid"),
+        "kid": row.get("kid"),
+        "fid_reference": row.get("fid_reference"),
+    }
+
+
+def run_advft_story(
+    out: str | Path, cfg: AdvFTStoryConfig | None = None, unmitigated: dict | None = None
+) -> dict:
+    """Run (or resume) the recipe into ``out``; returns the rows (see module docstring).
+
+    ``unmitigated``: an audit row of the unmitigated model with its utility on ``cfg``'s utility set and seed
+    (``fid``, ``kid``, ``a_clip_utility``; Table 1's ``none`` row); without it the recipe audits that itself.
+    """
     cfg = cfg or AdvFTStoryConfig()
     out = Path(out)
     timings: dict[str, float] = {}
@@ -92,9 +114,12 @@ def run_advft_story(out: str | Path, cfg: AdvFTStoryConfig | None = None) -> dic
             model=str(folder), set=cfg.mem_set, limit=cfg.limit, attack=Dori(steps=cfg.dori_steps, init="random"),
             snapshots=cfg.snapshots, **common,
         ),
-        "heldout-none": AuditJob(model=cfg.model, set=cfg.utility_set, limit=cfg.n_heldout, **common),
-        "heldout-advft": AuditJob(model=str(folder), set=cfg.utility_set, limit=cfg.n_heldout, **common),
     }  # fmt: skip
+    if _utility_row(unmitigated, "utility.none") is None:
+        jobs["audit-none"] = AuditJob(
+            model=cfg.model, set=cfg.mem_set, limit=cfg.limit, utility_set=cfg.utility_set,
+            n_utility=cfg.n_utility, **common,
+        )  # fmt: skip
     audits = {}
     for name, job in jobs.items():
         t0 = time.perf_counter()
@@ -105,11 +130,12 @@ def run_advft_story(out: str | Path, cfg: AdvFTStoryConfig | None = None) -> dic
         "advft": _pick(audits["audit-advft"], "none", "advft"),
         "advft+dori": _pick(audits["audit-advft"], steps, "advft+dori"),
         "advft+dori-random": _pick(audits["audit-advft-random"], steps, "advft+dori-random"),
-        "utility.none": _pick(audits["heldout-none"], "none", "utility.none"),
-        "utility.advft": _pick(audits["heldout-advft"], "none", "utility.advft"),
+        "utility.none": _utility_row(
+            unmitigated if "audit-none" not in audits else _pick(audits["audit-none"], "none", "none"),
+            "utility.none",
+        ),
+        "utility.advft": _utility_row(_pick(audits["audit-advft"], "none", "advft"), "utility.advft"),
     }
-    if rows["utility.advft"] is not None and rows["advft"] is not None:  # FID/KID of the fine-tuned model
-        rows["utility.advft"].update(fid=rows["advft"].get("fid"), kid=rows["advft"].get("kid"))
     surr = json.loads((folder / "surrogates" / "surrogates.json").read_text())
     story = {
         "recipe": "advft_story",

@@ -67,11 +67,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
                 model=cfg.model, limit=cfg.limit, n_utility=cfg.n_utility, device=cfg.device,
                 finetune=dict(CPU_ADVFT) if on_cpu else {}, progress=cfg.progress,
             ),
+            # the unmitigated utility: Table 1's NeMo audit generated it with the same prompts and seeds
+            unmitigated=next((r for r in rows if r["setting"] == "none"), None),
         )  # fmt: skip
         extra = story["rows"]
-        none = next((r for r in rows if r["setting"] == "none"), None)
-        if none is not None and "utility.none" in extra:  # the unmitigated FID/KID: Table 1's
-            extra["utility.none"].update(fid=none.get("fid"), kid=none.get("kid"))
         rows += [extra[k] for k in ADVFT_ROWS + UTILITY_ROWS if k in extra]
     sentences = story_sentences({r["setting"]: r for r in rows})
     report = build_report(

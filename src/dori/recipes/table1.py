@@ -11,7 +11,8 @@ Rows (settings named as in the audit schema):
     wanda+dori   Wanda + Dori
 
 Steps, linear: fit NeMo and Wanda on the memorized set (:mod:`dori.fitting`, resumable folders), run three
-audits into one run directory (they share the unmitigated generations), rename the rows, attach the
+audits, one folder each (the Wanda audit reuses the NeMo audit's unmitigated rows and utility, which do not
+depend on the mitigation: :func:`dori.audit_run.share_unmitigated`), rename the rows, attach the
 paper's numbers, write ``table1.json`` (audit schema), ``TABLE1.md`` and the HTML report. FID/KID are
 computed on the utility set with each mitigation applied for all items at once (as the paper, App. H.1).
 Every step resumes: run the same call again after a kill.
@@ -157,6 +158,7 @@ def run_table1(out: str | Path, cfg: Table1Config | None = None) -> dict:
             snapshots=_snapshots(cfg.snapshots),
             utility=utility_set(cfg.utility_set, model, cfg.n_utility) if mitigation != "none" else None,
             model_label=cfg.model, progress=cfg.progress,
+            share_from=out / "audit-nemo" if name == "wanda" else None,
         )  # fmt: skip
         timings[f"audit_{name}"] = round(time.perf_counter() - t0, 1)
     rows = collect_rows(results, cfg.dori_steps)
