@@ -133,3 +133,21 @@ def test_demo_fine_tunes_on_the_cpu_budget_and_opens_the_report_with_the_run_s_s
     assert "NeMo hides the images" in result["sentences"][1]
     assert "Adversarial fine-tuning removes them" in result["sentences"][2]
     assert seen["intro"].startswith("<p>" + result["sentences"][0])
+
+
+def test_utility_rows_render_in_the_report_tables():
+    """The utility rows the recipe makes (from an audit row's FID/KID and utility A_CLIP) format as table cells,
+    with or without a MAD; the demo's report failed on a utility A_CLIP without one."""
+    from dori.report.tables import cells
+
+    audit_row = {
+        "fid": 4.5, "kid": 0.25, "utility_set": "heldout", "fid_reference": "heldout: 100 reference images",
+        "a_clip_utility": {"median": 0.861, "mad": 0.02, "mean": 0.85, "n": 100},
+    }  # fmt: skip
+    row = story._utility_row(audit_row, "utility.advft")
+    assert row["n_items"] == 100 and row["set"] == "heldout" and row["fid"] == 4.5
+    headers, body = cells([row, dict(row, a_clip={"median": 0.5, "n": 3})])
+    col = headers.index("↑ A_CLIP")
+    assert body[0][col] == "0.86 ± 0.02" and body[1][col] == "0.50"
+    assert body[0][headers.index("↓ FID")] == "4.50"
+    assert story._utility_row({"fid": None}, "utility.none") is None and story._utility_row(None, "x") is None

@@ -430,7 +430,7 @@ def test_share_unmitigated_reuses_the_none_rows_and_utility_of_another_mitigatio
     none_row = next(r for r in shared["rows"] if r["key"] == "none" and r["set"] == "toy")
     assert none_row["fid"] == next(r for r in first["rows"] if r["key"] == "none")["fid"]
     clip = none_row["a_clip_utility"]
-    assert clip["n"] == 4 and -1.0 <= clip["median"] <= 1.0 and clip["mean"] != 0.0
+    assert clip["n"] == 4 and -1.0 <= clip["median"] <= 1.0 and clip["mean"] != 0.0 and clip["mad"] >= 0.0
     scale_row = next(r for r in shared["rows"] if r["key"] == "scale" and r["set"] == "toy")
     assert scale_row["a_clip_utility"]["n"] == 4 and scale_row["fid"] != none_row["fid"]
     sampled.clear()

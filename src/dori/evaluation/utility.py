@@ -39,8 +39,8 @@ def utility_scores(
     progress: bool = True,
 ) -> dict:
     """FID and KID of one generation per utility prompt against reference images (Inception features), and
-    ``a_clip``: the cosine of CLIP image and text features of each generation and its prompt (median, mean and n
-    over the prompts; None without a CLIP model or for chunks written before it was recorded).
+    ``a_clip``: the cosine of CLIP image and text features of each generation and its prompt (median ± MAD, mean
+    and n over the prompts; None without a CLIP model or for chunks written before it was recorded).
 
     Args:
         prompts: the utility prompts (COCO captions, or a world's held-out captions).
@@ -98,7 +98,7 @@ def utility_scores(
     a_clip = None
     if all("a_clip" in c for c in chunks):
         scores = torch.cat([c["a_clip"] for c in chunks])
-        a_clip = {"median": float(scores.median()), "mean": float(scores.mean()), "n": int(scores.numel())}
+        a_clip = {**M.median_mad(scores.numpy()), "mean": float(scores.mean()), "n": int(scores.numel())}
     result = {
         "tag": tag,
         "n_generated": int(gen.shape[0]),

@@ -26,7 +26,7 @@ def format_value(name: str, value: object) -> str:
         med, dev = value.get("median"), value.get("mad")
         if med is None or (isinstance(med, float) and math.isnan(med)):
             return "N/A"
-        return f"{med:.2f} ± {dev:.2f}"
+        return f"{med:.2f}" if dev is None else f"{med:.2f} ± {dev:.2f}"
     if isinstance(value, float):
         if math.isnan(value):
             return "N/A"
