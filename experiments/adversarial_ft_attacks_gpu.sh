@@ -7,16 +7,9 @@
 # end on one item. Results: $OUT/results.tgz, $OUT/summary.log.
 set -u
 bash tools/gpu_env.sh || exit 1
-R=runs/gpu21b; mkdir -p $R; L=$OUT; T0=$(date +%s); DEADLINE=${DEADLINE:-550}
-t() { echo "$(( $(date +%s) - T0 )) s: $*" | tee -a $L/timeline.log; }
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-pack() { tar czf $L/results.tgz.tmp $(find $R \( -name 'audit.json' -o -name 'finetune.json' -o -name '*.log' \) \
-  ! -path '*/checkpoints/*' 2>/dev/null) 2>/dev/null; mv $L/results.tgz.tmp $L/results.tgz; }
-rows() { python3 -c "
-import json; d=json.load(open('$1/audit.json'))
-for r in d['rows']: print('$1', r.get('key'), 'n', r.get('n_items'), 'MR', r.get('mr'), 'A_CLIP', (r.get('a_clip') or {}).get('median'), 'SSCD', (r.get('sscd_orig') or {}).get('median'))
-" >> $L/summary.log 2>&1; }
-D="python3 -m dori"; AUD="--batch-size 1000 --no-progress"
+R=runs/gpu21b; DEADLINE=${DEADLINE:-550}
+. experiments/gpu_common.sh
+AUD="--batch-size 1000 --no-progress"
 job() { local name=$1; shift; timeout $(left) "$@" $AUD --out $R/$name > $R/$name.log 2>&1; t "$name rc=$?"; rows $R/$name; pack; }
 M=$R/A; cp -r src/dori/assets/miniworld $M && python3 tools/weights_delta.py unpack ${MODEL:-.carry/A.unet.xz} \
   $M/unet/diffusion_pytorch_model.safetensors && t "model rebuilt" || exit 1

@@ -11,17 +11,9 @@
 # Results: $OUT/results.tgz (audit.json, finetune.json, losses.jsonl, logs), $OUT/summary.log.
 set -u
 bash tools/gpu_env.sh || exit 1
-R=runs/sweep21; mkdir -p $R; L=$OUT; T0=$(date +%s); DEADLINE=${DEADLINE:-540}; N=${N:-20}
-t() { echo "$(( $(date +%s) - T0 )) s: $*" | tee -a $L/timeline.log; }
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-pack() { tar czf $L/results.tgz.tmp $(find $R \( -name 'audit.json' -o -name 'finetune.json' -o -name 'surrogates.json' \
-  -o -name 'losses.jsonl' -o -name '*.log' \) ! -path '*/checkpoints/*' 2>/dev/null) 2>/dev/null; mv $L/results.tgz.tmp $L/results.tgz; }
-rows() { python3 -c "
-import json; d=json.load(open('$1/audit.json'))
-for r in d['rows']: print('$1', r.get('key'), 'n', r.get('n_items'), 'MR', r.get('mr'), 'FID', r.get('fid'), 'SSCD', (r.get('sscd_orig') or {}).get('median'))
-" >> $L/summary.log 2>&1; }
-D="python3 -m dori"; AUD="--set vm --limit $N --batch-size 1000 --no-progress"
-audit() { local name=$1; shift; timeout $(left) $D audit "$@" $AUD --out $R/$name > $R/$name.log 2>&1; t "$name rc=$?"; rows $R/$name; pack; }
+R=runs/sweep21; DEADLINE=${DEADLINE:-540}; N=${N:-20}
+. experiments/gpu_common.sh
+AUD="--set vm --limit $N --batch-size 1000 --no-progress"
 model() { if [ -f $R/$1/model_index.json ]; then echo $R/$1; else ls -d $R/$1/checkpoints/epoch-* 2>/dev/null | tail -1; fi; }
 cfg() {  # name, then fine-tuning options; fine-tunes, then audits what it made
   local name=$1; shift
