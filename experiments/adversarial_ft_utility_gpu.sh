@@ -5,6 +5,7 @@
 #   U0  the defaults                     U1  --ema 0.99 (the weights' moving average is the model)
 #   U2  --lr-schedule cosine             U3  --utility-batch 192 (3x the utility pairs per update)
 #   U4  --weight-decay 0                 U5  --ema 0.99 --lr-schedule cosine
+#   U6  --utility-target teacher (added after the session-13 run of U0-U5 at commit 5173232; not run yet)
 # Each is audited as it ends: prompts + Dori 50 from the prompt with FID/KID on 500 heldout prompts, Dori 50 from
 # random init. Beside them: the unmitigated world's FID in bf16 with generation seeds 0 and 1 (the noise of a
 # 500-prompt FID), and U0's FID after epochs 4 and 8 (its checkpoints). Every stage has a deadline.
@@ -36,5 +37,6 @@ cfg U2 $S --lr-schedule cosine &
 cfg U3 $S --utility-batch 192 &
 cfg U4 $S --weight-decay 0 &
 cfg U5 $S --ema 0.99 --lr-schedule cosine &
+cfg U6 $S --utility-target teacher &
 wait; t "all done"; pack
 cat $L/summary.log; grep -h " s .*KB" $R/*.log; nvidia-smi --query-gpu=memory.used --format=csv

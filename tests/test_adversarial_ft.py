@@ -421,3 +421,45 @@ def test_cosine_schedule_lowers_the_learning_rate_epoch_by_epoch(tiny):
     assert d_cos < d_const  # epoch 2 ran at lr / 2
     with pytest.raises(DoriError, match="lr_schedule"):
         AdversarialFineTuning(lr_schedule="linear")
+
+
+def test_teacher_utility_target_starts_at_zero_and_pulls_back_toward_the_unmitigated_model(tiny):
+    """With ``utility_target="teacher"`` the utility loss compares the prediction with the unmitigated model's
+    on the same noisy utility latents: zero (and no gradient) before any update, and after updates that moved the
+    weights it pulls them back, where L_DM against the drawn noise does not."""
+    items, utility = _items(1, 5, "m"), _items(4, 6, "u")
+    surr = _surrogates(items)
+    logs = []
+    AdversarialFineTuning(
+        epochs=1, steps_per_embedding=1, mitigation_loss=False, grad_clip=None, weight_decay=0.0,
+        utility_target="teacher", utility_batch=4,
+    )(tiny, items, utility=utility, log=logs.append)  # fmt: skip
+    step = next(r for r in logs if r["kind"] == "step")
+    assert step["l_util"] == 0.0 and step["grad_norm"] == 0.0
+    data_logs = []
+    AdversarialFineTuning(
+        epochs=1,
+        steps_per_embedding=1,
+        mitigation_loss=False,
+        grad_clip=None,
+        weight_decay=0.0,
+        utility_batch=4,
+    )(tiny, items, utility=utility, log=data_logs.append)
+    assert next(r for r in data_logs if r["kind"] == "step")["l_util"] > 0.0  # L_DM is not zero at the start
+
+    def distance(m):
+        return sum(
+            float((p - q).pow(2).sum())
+            for p, q in zip(tiny.unet.parameters(), m.unet.parameters(), strict=True)
+        )
+
+    cfg = dict(
+        epochs=2, steps_per_embedding=2, dori_steps=1, utility_batch=4, lr=1e-3, seed=2, utility_weight=50.0
+    )
+    pulled = AdversarialFineTuning(**cfg, utility_target="teacher")(
+        tiny, items, surrogates=surr, utility=utility
+    )
+    free = AdversarialFineTuning(**cfg)(tiny, items, surrogates=surr, utility=utility)
+    assert 0.0 < distance(pulled) < distance(free)
+    with pytest.raises(DoriError, match="utility_target"):
+        AdversarialFineTuning(utility_target="model")

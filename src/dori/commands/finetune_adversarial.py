@@ -18,7 +18,7 @@ from dori.commands.finetune_common import (
     log_to_stderr,
     surrogates,
 )
-from dori.mitigations.adversarial_ft import INIT_SCHEDULES, LR_SCHEDULES
+from dori.mitigations.adversarial_ft import INIT_SCHEDULES, LR_SCHEDULES, UTILITY_TARGETS
 
 
 def add_method(methods) -> None:
@@ -70,6 +70,11 @@ def add_method(methods) -> None:
         help="keep an exponential moving average of the weights with this decay and return it (default: the method's)",
     )  # fmt: skip
     g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES, help="default: the method's")
+    g.add_argument(
+        "--utility-target", default=None, choices=UTILITY_TARGETS,
+        help="utility loss against the drawn noise (data, Algorithm 2) or the unmitigated model's prediction "
+        "(teacher); default: the method's",
+    )  # fmt: skip
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
@@ -111,6 +116,7 @@ def method_from_args(args):
         uncond_share=defaults.uncond_share if args.uncond_share is None else args.uncond_share,
         utility_loss=not args.no_utility_loss,
         utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
+        utility_target=args.utility_target or defaults.utility_target,
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,

@@ -60,6 +60,7 @@ from dori.models.pipeline import SamplingConfig, T2IModel
 
 INIT_SCHEDULES = ("alternate", "prompt", "random", "both")
 LR_SCHEDULES = ("constant", "cosine")
+UTILITY_TARGETS = ("data", "teacher")
 
 
 @dataclass
@@ -96,6 +97,10 @@ class AdversarialFineTuning:
         utility_loss: include L_DM on non-memorized pairs (Table 16 "No Utility Loss": False).
         utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1; the default 10 keeps
             utility on all 40 miniworld items, docs/adversarial_ft.md).
+        utility_target: what the utility loss compares the prediction with: ``data`` (the drawn noise, L_DM of
+            Algorithm 2) or ``teacher`` (the unmitigated model's prediction for the same x_t, t and caption:
+            distillation, which keeps the model's outputs on non-memorized data, and so its sample distribution,
+            where they were; a deviation from Algorithm 2, not measured at scale yet).
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
@@ -133,6 +138,7 @@ class AdversarialFineTuning:
     uncond_share: float = 0.1
     utility_loss: bool = True
     utility_weight: float = 10.0
+    utility_target: str = "data"
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
@@ -179,6 +185,8 @@ class AdversarialFineTuning:
             raise DoriError("stop_mr must be in [0, 1) and stop_generations >= 1")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise DoriError(f"ema must be in (0, 1), got {self.ema}")
+        if self.utility_target not in UTILITY_TARGETS:
+            raise DoriError(f"utility_target must be one of {UTILITY_TARGETS}, got {self.utility_target!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DoriError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.utility_weight > 0:
@@ -300,7 +308,8 @@ class AdversarialFineTuning:
             t1 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = self.lr_for_epoch(epoch)
-            sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit, ema)
+            teacher = model if self.utility_target == "teacher" else None
+            sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit, ema, teacher)
             t2 = time.perf_counter()
             emit(
                 {
@@ -414,6 +423,7 @@ class AdversarialFineTuning:
         epoch: int,
         emit: Callable[[dict], None],
         ema: list[torch.Tensor] | None = None,
+        teacher: T2IModel | None = None,
     ) -> dict:
         ft.unet.train()
         device, k, d = ft.device, self.embeddings_per_item, self.noise_draws
@@ -452,7 +462,15 @@ class AdversarialFineTuning:
                 t = torch.randint(0, ft.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
                 opt.zero_grad(set_to_none=True)
                 with ctx:
-                    per = ft.training_loss(x0, emb, t, noise).float()
+                    if teacher is None or not n_util:
+                        per = ft.training_loss(x0, emb, t, noise).float()
+                    else:  # utility rows: the unmitigated model's prediction is the target (utility_target)
+                        x_t = ft.add_noise(x0, noise, t)
+                        pred = ft.unet_forward(x_t, t, emb).float()
+                        target = ft.target(x0, noise, t).float()
+                        with torch.no_grad():
+                            target[n_adv:] = teacher.unet_forward(x_t[n_adv:], t[n_adv:], emb[n_adv:]).float()
+                        per = (pred - target).pow(2).flatten(1).mean(1)
                 l_adv = per[:n_adv].mean() if n_adv else per.new_zeros(())
                 l_util = per[n_adv:].mean() if n_util else per.new_zeros(())
                 (l_adv + self.utility_weight * l_util).backward()
