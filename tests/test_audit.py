@@ -227,6 +227,18 @@ def test_report_renders_in_chromium(cli_run, tmp_path):
     assert not re.search(r">[^<]*(pending|images=\d)", out.stdout)  # no status text on the page
 
 
+def record_sampling(model, monkeypatch) -> list[list[int]]:
+    """The seeds of every ``model.sample`` call from now on (the calls still sample)."""
+    sampled, real_sample = [], model.sample
+
+    def recording(emb, seeds, *args, **kwargs):
+        sampled.append(list(seeds))
+        return real_sample(emb, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(model, "sample", recording)
+    return sampled
+
+
 def _audit(
     model, folder, run_dir, batch_size=64, mitigation=None, attack="dori", progress=False, kinds=("user",)
 ):
@@ -278,14 +290,7 @@ def test_resume_after_interruption_and_batching(tiny, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "part" / "results").glob("item.*")) == ["item.none.it0.json"]
     monkeypatch.setattr(E, "score_item", real_score)
 
-    sampled = []
-    real_sample = tiny.sample
-
-    def counting_sample(emb, seeds, *args, **kwargs):
-        sampled.append(list(seeds))
-        return real_sample(emb, seeds, *args, **kwargs)
-
-    monkeypatch.setattr(tiny, "sample", counting_sample)
+    sampled = record_sampling(tiny, monkeypatch)
     resumed = _audit(tiny, tmp_path / "d", tmp_path / "part", batch_size=2, progress=True)
     assert sampled[0] == generation_seeds(3, 1, 2)  # only the unfinished item of the first setting
     for a, b in zip(whole["rows"], resumed["rows"], strict=True):
@@ -412,18 +417,11 @@ def test_share_unmitigated_reuses_the_none_rows_and_utility_of_another_mitigatio
 
     first = audit("a", 1.0)
     alone = audit("b", 0.5)
-    sampled = []
-    real_sample = tiny.sample
-
-    def counting_sample(emb, seeds, *args, **kwargs):
-        sampled.append(len(seeds))
-        return real_sample(emb, seeds, *args, **kwargs)
-
-    monkeypatch.setattr(tiny, "sample", counting_sample)
+    sampled = record_sampling(tiny, monkeypatch)
     shared = audit("c", 0.5, share_from=tmp_path / "a")
     assert shared["rows"] == alone["rows"]
     # only the mitigated model generated: 3 items x 2 generations, then 4 utility prompts
-    assert sampled == [6, 4]
+    assert [len(seeds) for seeds in sampled] == [6, 4]
     assert (tmp_path / "c" / "results" / "item.none.it0.json").read_bytes() == (
         tmp_path / "a" / "results" / "item.none.it0.json"
     ).read_bytes()
@@ -433,8 +431,17 @@ def test_share_unmitigated_reuses_the_none_rows_and_utility_of_another_mitigatio
     assert clip["n"] == 4 and -1.0 <= clip["median"] <= 1.0 and clip["mean"] != 0.0 and clip["mad"] >= 0.0
     scale_row = next(r for r in shared["rows"] if r["key"] == "scale" and r["set"] == "toy")
     assert scale_row["a_clip_utility"]["n"] == 4 and scale_row["fid"] != none_row["fid"]
-    sampled.clear()
     other = audit("d", 0.5, seed=4)
-    assert share_unmitigated(tmp_path / "a", RunDir(tmp_path / "d")) == 0  # other seeds: nothing shared
-    assert share_unmitigated(tmp_path / "missing", RunDir(tmp_path / "d")) == 0
     assert other["rows"] != alone["rows"]
+    same, seeds4 = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("c", "d"))
+    assert (
+        share_unmitigated(tmp_path / "a", RunDir(tmp_path / "e", seeds4)) == 0
+    )  # other seeds: nothing shared
+    assert share_unmitigated(tmp_path / "missing", RunDir(tmp_path / "f", same)) == 0
+    copied = share_unmitigated(tmp_path / "a", RunDir(tmp_path / "g", same))
+    assert copied == len(list((tmp_path / "g" / "results").glob("*"))) + len(
+        list((tmp_path / "g" / "artifacts").glob("*"))
+    )
+    assert {p.name for p in (tmp_path / "g" / "results").glob("*")} == {
+        "item.none.it0.json", "item.none.it1.json", "item.none.it2.json", "utility.none.json"
+    }  # fmt: skip
