@@ -332,7 +332,8 @@ class AdversarialFineTuning:
                 save_checkpoint(out, ft, opt, gen, epoch, record, extra or None)
         if ema is not None:
             with torch.no_grad():
-                torch._foreach_copy_(params, ema)
+                for p, e in zip(params, ema, strict=True):
+                    p.copy_(e)
         if self.lora_rank is not None:
             lora_mod.merge_lora(ft.unet)
         finish(ft)
@@ -479,7 +480,8 @@ class AdversarialFineTuning:
                 opt.step()
                 if ema is not None:
                     with torch.no_grad():
-                        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - self.ema)
+                        for e, p in zip(ema, params, strict=True):
+                            e.lerp_(p.detach(), 1.0 - self.ema)
                 totals["l_adv"] += float(l_adv.detach())
                 totals["l_util"] += float(l_util.detach())
                 totals["steps"] += 1

@@ -14,7 +14,7 @@ Steps, linear, each resumable (run the same call again after a kill):
    audit generated it with the same prompts and seeds), else audited here (``OUT/audit-none``).
 
 Rows (settings named as in Table 1's JSON): ``advft``, ``advft+dori``, ``advft+dori-random``, ``utility.none``,
-``utility.advft`` (``a_clip``: median, mean and n over the held-out captions; ``fid``, ``kid``). Written to
+``utility.advft`` (``a_clip``: median ± MAD, mean and n over the held-out captions; ``fid``, ``kid``). Written to
 ``OUT/advft_story.json``.
 """
 
