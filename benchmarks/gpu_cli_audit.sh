@@ -4,6 +4,8 @@
 # plain loops). Run from the repository root on the GPU machine; logs and JSON go to $OUT.
 #   N=16 N_TORCHRUN=8 bash benchmarks/gpu_cli_audit.sh
 #   AUDIT_ONLY=1 EXTRA=--compile N=16 bash benchmarks/gpu_cli_audit.sh     (the first audit only, with extra options)
+#   AUDIT_ONLY=1 REPEAT=1 EXTRA=--compile N=16 bash ...   (then the same audit again in a new process and folder:
+#                                                        with --compile, what Inductor's on-disk cache leaves to pay)
 set -uo pipefail
 N=${N:-16}
 N_TORCHRUN=${N_TORCHRUN:-8}
@@ -20,7 +22,15 @@ s=$SECONDS
 python3 -m dori "${COMMON[@]}" $EXTRA --limit "$N" --out "$W/a1" --json "$OUT/a1.json" 2>&1 | grep --line-buffered -v "^Loading\|should be kept" | tee "$OUT/a1.log"
 echo "a1 wall $((SECONDS - s)) s" | tee -a "$OUT/a1.log"
 if [ -n "${AUDIT_ONLY:-}" ]; then
-  python3 -c "import json; t = json.load(open('$OUT/a1.json'))['timing']; print({k: v for k, v in t.items() if k != 'phases'}); print([(p['phase'], round(p['seconds'], 1), p['items']) for p in t['phases']])"
+  runs="a1"
+  if [ -n "${REPEAT:-}" ]; then
+    s=$SECONDS
+    python3 -m dori "${COMMON[@]}" $EXTRA --limit "$N" --out "$W/a1b" --json "$OUT/a1b.json" 2>&1 | grep --line-buffered -v "^Loading\|should be kept" | tee "$OUT/a1b.log"
+    echo "a1b wall $((SECONDS - s)) s" | tee -a "$OUT/a1b.log"; runs="a1 a1b"
+  fi
+  for r in $runs; do
+    python3 -c "import json; t = json.load(open('$OUT/$r.json'))['timing']; print('$r', {k: v for k, v in t.items() if k != 'phases'}); print([(p['phase'], round(p['seconds'], 1), p['items']) for p in t['phases']])"
+  done
   exit 0
 fi
 python3 benchmarks/bench_sd.py --hooks-only --fast-repeats 3 $BENCH --out "$OUT/hooks.json" 2>&1 | tail -12 | tee "$OUT/hooks.log"
