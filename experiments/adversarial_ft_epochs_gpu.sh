@@ -8,19 +8,22 @@
 # audited at the end. Seed 0's UNets after epochs 8 and 10 come back as bit-exact deltas (tools/weights_delta.py).
 # Results: $OUT/results.tgz, $OUT/summary.log, $OUT/timeline.log, $OUT/F0-e8.unet.xz, $OUT/F0-e10.unet.xz.
 # EXTRA: options every fine-tuning gets (session 14: EXTRA="--utility-target teacher" NO_EMA=1, run folder R=runs/ep21t).
-# NO_EMA=1 leaves out F2 (three fine-tunings at once did not all reach epoch 12 within one call).
+# NO_EMA=1 leaves out F2 (three fine-tunings at once did not all reach epoch 12 within one call). F1_OPTS: F1's options
+# (default --seed 1). E: the epochs of the fine-tunings (default 12) and CK the checkpoints audited before the end.
+# Session 14's second call: R=runs/ep21u EXTRA="--utility-target teacher --utility-weight 30" E=10 CK=8 NO_EMA=1
+#   F1_OPTS="--utility-weight 10 --ema 0.99"
 set -u
 bash tools/gpu_env.sh || exit 1
-R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; DEADLINE=${DEADLINE:-550}
+R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; F1_OPTS=${F1_OPTS:---seed 1}; E=${E:-12}; CK=${CK:-6 8 10}; DEADLINE=${DEADLINE:-550}
 . experiments/gpu_common.sh
 AUD="--set vm --batch-size 1000 --no-progress"; FID="--utility-set heldout --n-utility 500"
 both() { audit $1-dp --model $2 --attack dori --steps 50 --snapshots 10,25 $FID & audit $1-dr --model $2 --attack dori --steps 50 --init random --snapshots 10,25 & wait; }
 ft() { local name=$1; shift
   /usr/bin/time -f "$name finetune %e s %M KB" timeout $(( $(left) - 60 )) $D mitigate adversarial-ft --model miniworld \
-    --set vm --no-progress --out $R/$name $EXTRA "$@" > $R/$name.ft.log 2>&1; t "$name finetune rc=$?"; }
+    --set vm --no-progress --out $R/$name --epochs $E $EXTRA "$@" > $R/$name.ft.log 2>&1; t "$name finetune rc=$?"; }
 watch() {  # name: audit its checkpoints of epochs 6, 8, 10 as they are written, then the final model
   local name=$1 c=$R/$1/checkpoints
-  for k in 6 8 10; do
+  for k in $CK; do
     local e=$(printf "epoch-%04d" $k) n=$(printf "epoch-%04d" $((k + 1)))
     while [ ! -f $c/$e/train_state.pt ] && [ ! -d $c/$n ] && [ ! -f $R/$name/model_index.json ] && [ $(left) -gt 0 ]; do sleep 3; done
     [ -d $c/$e/unet ] || return
@@ -28,13 +31,13 @@ watch() {  # name: audit its checkpoints of epochs 6, 8, 10 as they are written,
     both $name-e$k $c/$e &
   done
   while [ ! -f $R/$name/model_index.json ] && [ $(left) -gt 0 ]; do sleep 3; done
-  [ -f $R/$name/model_index.json ] && both $name-e12 $R/$name
+  [ -f $R/$name/model_index.json ] && both $name-e$E $R/$name
   wait
 }
 ft F0 & watch F0 &
 while [ ! -f $R/F0/surrogates/surrogates.json ] && [ $(left) -gt 0 ]; do sleep 2; done; t "surrogates ready"
 S="--surrogates $R/F0/surrogates"
-ft F1 $S --seed 1 & watch F1 &
-[ $NO_EMA = 1 ] || ( ft F2 $S --ema 0.99; [ -f $R/F2/model_index.json ] && both F2-e12 $R/F2 ) &
+ft F1 $S $F1_OPTS & watch F1 &
+[ $NO_EMA = 1 ] || ( ft F2 $S --ema 0.99; [ -f $R/F2/model_index.json ] && both F2-e$E $R/F2 ) &
 wait; t "all done"; pack
 sort $L/summary.log; grep -h " s .*KB" $R/*.log; ls -la $L
