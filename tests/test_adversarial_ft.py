@@ -214,6 +214,7 @@ def test_noise_draws_set_the_update_batch(tiny, monkeypatch):
         init_schedule="prompt",
         embeddings_per_item=2,
         persistent=0,
+        utility_target="data",  # the recorded loss: with the teacher target the update computes it inline
     )
     AdversarialFineTuning(**common, noise_draws=3, utility_batch=None)(
         tiny, items, surrogates=surr, utility=utility
@@ -339,28 +340,32 @@ def test_persistent_embeddings_continue_the_previous_search_and_survive_a_resume
 
 def test_uncond_share_trains_the_empty_prompt_on_utility_images(tiny, monkeypatch):
     """Caption dropout: with ``uncond_share`` about that share of the utility rows carry the empty prompt's
-    embedding; with 0 none do."""
+    embedding; with 0 none do. Both utility targets (the teacher sees the same rows as the trained model)."""
     items, utility = _items(1, 5, "m"), _items(40, 6, "u")
     null = tiny.null_embedding().float()[0]
-    shares = {}
-    original = type(tiny).training_loss
-    for share in (0.0, 0.5):
-        rows = []
+    original = type(tiny).unet_forward
+    for target in ("data", "teacher"):
+        shares = {}
+        for share in (0.0, 0.5):
+            rows = []
 
-        def recording(self, x0, emb, t, noise, _rows=rows):
-            _rows.append(emb.detach().cpu())
-            return original(self, x0, emb, t, noise)
+            def recording(self, x_t, t, emb, *args, _rows=rows, **kwargs):
+                _rows.append(emb.detach().float().cpu())
+                return original(self, x_t, t, emb, *args, **kwargs)
 
-        monkeypatch.setattr(type(tiny), "training_loss", recording)
-        ft = AdversarialFineTuning(
-            epochs=2, steps_per_embedding=4, dori_steps=0, utility_batch=64, mitigation_loss=False,
-            uncond_share=share, init_schedule="prompt", embeddings_per_item=1, persistent=0,
-        )  # fmt: skip
-        ft(tiny, items, utility=utility)
-        util = torch.cat(rows)
-        shares[share] = float((util - null).abs().amax(dim=(1, 2)).lt(1e-6).float().mean())
-    assert shares[0.0] == 0.0
-    assert 0.35 < shares[0.5] < 0.65
+            monkeypatch.setattr(type(tiny), "unet_forward", recording)
+            ft = AdversarialFineTuning(
+                epochs=2, steps_per_embedding=4, dori_steps=0, utility_batch=64, mitigation_loss=False,
+                uncond_share=share, init_schedule="prompt", embeddings_per_item=1, persistent=0,
+                utility_target=target,
+            )  # fmt: skip
+            ft(tiny, items, utility=utility)
+            monkeypatch.setattr(type(tiny), "unet_forward", original)
+            util = torch.cat(rows)
+            assert util.shape[0] == 2 * 4 * 64 * (2 if target == "teacher" else 1)
+            shares[share] = float((util - null).abs().amax(dim=(1, 2)).lt(1e-6).float().mean())
+        assert shares[0.0] == 0.0
+        assert 0.35 < shares[0.5] < 0.65
     with pytest.raises(DoriError, match="uncond_share"):
         AdversarialFineTuning(uncond_share=1.0)
 
@@ -444,6 +449,7 @@ def test_teacher_utility_target_starts_at_zero_and_pulls_back_toward_the_unmitig
         grad_clip=None,
         weight_decay=0.0,
         utility_batch=4,
+        utility_target="data",
     )(tiny, items, utility=utility, log=data_logs.append)
     assert next(r for r in data_logs if r["kind"] == "step")["l_util"] > 0.0  # L_DM is not zero at the start
 
@@ -459,7 +465,7 @@ def test_teacher_utility_target_starts_at_zero_and_pulls_back_toward_the_unmitig
     pulled = AdversarialFineTuning(**cfg, utility_target="teacher")(
         tiny, items, surrogates=surr, utility=utility
     )
-    free = AdversarialFineTuning(**cfg)(tiny, items, surrogates=surr, utility=utility)
+    free = AdversarialFineTuning(**cfg, utility_target="data")(tiny, items, surrogates=surr, utility=utility)
     assert 0.0 < distance(pulled) < distance(free)
     with pytest.raises(DoriError, match="utility_target"):
         AdversarialFineTuning(utility_target="model")
