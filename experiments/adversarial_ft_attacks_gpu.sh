@@ -4,10 +4,10 @@
 # world; then, side by side: Dori lr 0.05 for 150 steps from the prompt (snapshots 50, 100), Dori 150 steps from
 # random init (snapshot 100), UnlearnDiffAtk on the first 10 items, heldout A_CLIP of it and of the unmitigated
 # world, Dori 50 steps in float32 (--no-fast; part 1's audits ran the CUDA default, bf16), and `sd14-random` end to
-# end on one item. Results: $OUT/results.tgz, $OUT/summary.log.
+# end on one item. DELTA: the UNet delta (default .carry/A.unet.xz). Results: $OUT/results.tgz, $OUT/summary.log.
 # ONLY: the names of the jobs to run (default all: A-lr05 A-150r A-uda A-util none-util A-dp-fp32 sd14). GPU_JOB: a
 # command run beside them. Session 14 (the teacher-target default, model T0e10 from adversarial_ft_epochs_gpu.sh):
-#   MODEL=.carry/T0e10.unet.xz ONLY="A-lr05 A-150r sd14" \
+#   DELTA=.carry/T0e10.unet.xz ONLY="A-lr05 A-150r sd14" \
 #   GPU_JOB="AUDIT_ONLY=1 REPEAT=1 EXTRA=--compile N=10 bash benchmarks/gpu_cli_audit.sh" bash experiments/adversarial_ft_attacks_gpu.sh
 set -u
 bash tools/gpu_env.sh || exit 1
@@ -17,7 +17,7 @@ AUD="--batch-size 1000 --no-progress"
 ONLY=${ONLY:-A-lr05 A-150r A-uda A-util none-util A-dp-fp32 sd14}
 on() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
 job() { local name=$1; shift; on $name || on ${name%-audit} || return 0; timeout $(left) "$@" $AUD --out $R/$name > $R/$name.log 2>&1; t "$name rc=$?"; rows $R/$name; pack; }
-M=$R/A; cp -r src/dori/assets/miniworld $M && python3 tools/weights_delta.py unpack ${MODEL:-.carry/A.unet.xz} \
+M=$R/A; cp -r src/dori/assets/miniworld $M && python3 tools/weights_delta.py unpack ${DELTA:-.carry/A.unet.xz} \
   $M/unet/diffusion_pytorch_model.safetensors && t "model rebuilt" || exit 1
 if [ -n "${GPU_JOB:-}" ]; then ( timeout $(left) bash -c "$GPU_JOB" > $L/gpu_job.log 2>&1; t "GPU_JOB rc=$?" ) & fi
 HELD="--set heldout --limit 100"

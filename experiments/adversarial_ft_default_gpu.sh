@@ -7,6 +7,8 @@
 # model of this call with attacks it was not trained against; the fine-tuned UNets come back as bit-exact deltas
 # (tools/weights_delta.py). Every stage has a deadline (DEADLINE s after the start).
 # Results: $OUT/results.tgz, $OUT/summary.log, $OUT/timeline.log, $OUT/A.unet.xz, $OUT/H1.unet.xz.
+# ONLY_A=1: the one command and its audits alone (session 14, after the defaults became the teacher target and 10
+# epochs: `ONLY_A=1 DEADLINE=420 bash experiments/adversarial_ft_default_gpu.sh`).
 set -u
 bash tools/gpu_env.sh || exit 1
 R=runs/gpu21; DEADLINE=${DEADLINE:-550}
@@ -26,6 +28,6 @@ finetuned() {  # name, options: fine-tune, audit, bring the UNet back
 if [ -n "${GPU_JOB:-}" ]; then ( timeout $(left) bash -c "$GPU_JOB" > $L/gpu_job.log 2>&1; t "GPU_JOB rc=$?" ) & fi
 finetuned A &
 while [ ! -f $R/A/surrogates/surrogates.json ] && [ $(left) -gt 0 ]; do sleep 2; done; t "surrogates ready"
-finetuned H1 --surrogates $R/A/surrogates --lr 8e-5 &
+[ -n "${ONLY_A:-}" ] || finetuned H1 --surrogates $R/A/surrogates --lr 8e-5 &
 wait; t "all done"; pack
 cat $L/summary.log; grep -h " s .*KB" $R/*.log
