@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 21 on the lent GPU, part 2 of 2: attacks the fine-tuned model was not trained against. MODEL names a UNet
+# Issue 21 on the lent GPU, part 2 of 2: attacks the fine-tuned model was not trained against. DELTA names a UNet
 # delta from part 1 (adversarial_ft_default_gpu.sh; e.g. .carry/A.unet.xz), rebuilt bit for bit on the shipped
 # world; then, side by side: Dori lr 0.05 for 150 steps from the prompt (snapshots 50, 100), Dori 150 steps from
 # random init (snapshot 100), UnlearnDiffAtk on the first 10 items, heldout A_CLIP of it and of the unmitigated
