@@ -445,3 +445,36 @@ def test_share_unmitigated_reuses_the_none_rows_and_utility_of_another_mitigatio
     assert {p.name for p in (tmp_path / "g" / "results").glob("*")} == {
         "item.none.it0.json", "item.none.it1.json", "item.none.it2.json", "utility.none.json"
     }  # fmt: skip
+
+
+def test_share_rows_only_takes_the_prompt_rows_from_an_audit_with_another_attack(tiny, tmp_path, monkeypatch):
+    """The demo's audit of Dori from random init takes the fine-tuned model's prompt rows from its audit of Dori
+    from the prompt (``share_rows_only``): its rows equal an audit that generated everything, its model generates
+    only the Dori rows, no utility record is copied, and without ``share_rows_only`` the other attack shares
+    nothing."""
+    from dori.audit import Utility
+    from dori.audit_run import audit_to_folder
+
+    items = user_set(write_items(tmp_path / "d", n=3, missing=False), image_size=16)
+    utility = Utility("toy", [it.prompt for it in items], lambda: [it.image for it in items])
+
+    def audit(out, init, share_from=None, rows_only=False, with_utility=False):
+        config = EvalConfig(n_gens=2, sampling=SamplingConfig(steps=2), seed=3)
+        return audit_to_folder(
+            tmp_path / out, tiny, items, "toy", fake_backends(), config, attack=Dori(steps=1, init=init),
+            snapshots=(), utility=utility if with_utility else None, progress=False, report=False,
+            share_from=share_from, share_rows_only=rows_only,
+        )  # fmt: skip
+
+    audit("prompt", "prompt", with_utility=True)
+    alone = audit("alone", "random")
+    sampled = record_sampling(tiny, monkeypatch)
+    shared = audit("shared", "random", share_from=tmp_path / "prompt", rows_only=True)
+    assert shared["rows"] == alone["rows"]
+    assert [len(seeds) for seeds in sampled] == [6]  # the Dori row only: 3 items x 2 generations
+    assert {p.name for p in (tmp_path / "shared" / "results").glob("*none.*")} == {
+        "item.none.it0.json", "item.none.it1.json", "item.none.it2.json"
+    }  # fmt: skip
+    sampled.clear()
+    audit("full", "random", share_from=tmp_path / "prompt")  # the attack differs: nothing shared
+    assert [len(seeds) for seeds in sampled] == [6, 6]

@@ -45,27 +45,35 @@ _UNMITIGATED_RESULTS = ("item.none.", "utility.none", "concept.none.")
 _UNMITIGATED_ARTIFACTS = ("gen.none.", "utility.none.", "utility.reference.", "concept.none.")
 
 
-def share_unmitigated(src: str | Path, run: RunDir) -> int:
+def share_unmitigated(src: str | Path, run: RunDir, rows_only: bool = False) -> int:
     """Copy the unmitigated model's records of the audit folder ``src`` into ``run`` where ``run`` lacks them.
 
     The rows of the model without mitigation (``none``) and its utility depend on the model, the items, the
     protocol (seeds, generations, sampling), the attack settings' folder-wide record and the utility set, not on
     the mitigation; so they are copied only when the two folders' settings (``config.json``) agree on
-    everything but ``mitigation``. Otherwise nothing is copied and ``run`` computes its own. Returns the number
-    of files copied (0 when nothing could be shared).
+    everything but ``mitigation``. With ``rows_only`` only the ``none`` rows' records and generations are
+    copied (they are generations from the prompts: the attack and the utility set do not enter them), and the
+    settings may also differ in ``attack`` and ``utility`` (the demo's audit of Dori from random init takes the
+    prompt rows of its audit from the prompt). Otherwise nothing is copied and ``run`` computes its own. Returns
+    the number of files copied (0 when nothing could be shared).
     """
     src = Path(src)
     try:
         theirs = json.loads((src / "config.json").read_text())
     except (OSError, ValueError):
         return 0
-    mine = run.config
-    if {k: v for k, v in theirs.items() if k != "mitigation"} != {
-        k: v for k, v in mine.items() if k != "mitigation"
+    free = {"mitigation", "attack", "utility"} if rows_only else {"mitigation"}
+    if {k: v for k, v in theirs.items() if k not in free} != {
+        k: v for k, v in run.config.items() if k not in free
     }:
         return 0
+    kinds = (
+        (("results", ("item.none.",)), ("artifacts", ("gen.none.",)))
+        if rows_only
+        else (("results", _UNMITIGATED_RESULTS), ("artifacts", _UNMITIGATED_ARTIFACTS))
+    )
     copied = 0
-    for kind, prefixes in (("results", _UNMITIGATED_RESULTS), ("artifacts", _UNMITIGATED_ARTIFACTS)):
+    for kind, prefixes in kinds:
         for f in sorted((src / kind).glob("*")):
             dest = run.path / kind / f.name
             if not f.name.startswith(prefixes) or dest.exists() or f.name.endswith((".tmp", ".corrupt")):
@@ -134,6 +142,7 @@ def audit_to_folder(
     startup_s: float | None = None,
     compile_s: float | None = None,
     share_from: str | Path | None = None,
+    share_rows_only: bool = False,
 ) -> dict:
     """Run (or resume) an audit into ``out``; returns the ``audit.json`` content.
 
@@ -150,7 +159,8 @@ def audit_to_folder(
         detection: a ``dori detect`` run directory whose scores the report joins (same model only).
         startup_s / compile_s: seconds spent before the audit (loading, probes) and compiling, for the timing.
         share_from: a finished audit folder of the same model, items and protocol under another mitigation:
-            its unmitigated rows and utility are reused, not generated again (:func:`share_unmitigated`).
+            its unmitigated rows and utility are reused, not generated again (:func:`share_unmitigated`);
+            with ``share_rows_only`` only the unmitigated rows, from an audit that may differ in attack and utility.
     """
     from dori.mitigations.base import spec
 
@@ -183,7 +193,7 @@ def audit_to_folder(
             },
         )
         if share_from is not None and distributed.is_main():
-            share_unmitigated(share_from, run)
+            share_unmitigated(share_from, run, rows_only=share_rows_only)
     result = run_audit(
         model, items, set_name, backends, run, config, mitigation=mitigation, attack=attack,
         init_prompts=init_prompts, snapshots=snapshots, utility=utility, progress=progress,
@@ -245,6 +255,8 @@ class AuditJob:
     device: str | None = None
     dtype: str = "fp32"
     progress: bool = True
+    share_from: str | None = None  # see audit_to_folder
+    share_rows_only: bool = False
 
 
 def run_audit_job(out: str | Path, job: AuditJob) -> dict:
@@ -266,6 +278,7 @@ def run_audit_job(out: str | Path, job: AuditJob) -> dict:
     return audit_to_folder(
         out, model, items, job.set, load_backends(model), config, mitigation=job.mitigation, attack=job.attack,
         snapshots=job.snapshots, utility=utility, model_label=job.model, progress=job.progress,
+        share_from=job.share_from, share_rows_only=job.share_rows_only,
     )  # fmt: skip
 
 

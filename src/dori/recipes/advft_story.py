@@ -110,9 +110,9 @@ def run_advft_story(
             model=str(folder), set=cfg.mem_set, limit=cfg.limit, attack=Dori(steps=cfg.dori_steps),
             snapshots=cfg.snapshots, utility_set=cfg.utility_set, n_utility=cfg.n_utility, **common,
         ),
-        "audit-advft-random": AuditJob(
+        "audit-advft-random": AuditJob(  # the prompt rows are the same generations: taken from audit-advft
             model=str(folder), set=cfg.mem_set, limit=cfg.limit, attack=Dori(steps=cfg.dori_steps, init="random"),
-            snapshots=cfg.snapshots, **common,
+            snapshots=cfg.snapshots, share_from=str(out / "audit-advft"), share_rows_only=True, **common,
         ),
     }  # fmt: skip
     if _utility_row(unmitigated, "utility.none") is None:
