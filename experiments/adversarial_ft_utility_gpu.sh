@@ -5,7 +5,9 @@
 #   U0  the defaults                     U1  --ema 0.99 (the weights' moving average is the model)
 #   U2  --lr-schedule cosine             U3  --utility-batch 192 (3x the utility pairs per update)
 #   U4  --weight-decay 0                 U5  --ema 0.99 --lr-schedule cosine
-#   U6  --utility-target teacher (added after the session-13 run of U0-U5 at commit 5173232; not run yet)
+#   U6  --utility-target teacher (added after the session-13 run of U0-U5 at commit 5173232; never run here: the
+#       teacher target was measured on 40 items by adversarial_ft_epochs_gpu.sh and became the default in 0a6e70a,
+#       so at later commits U0 is the teacher target and U6 repeats it; pass --utility-target data for L_DM)
 # Each is audited as it ends: prompts + Dori 50 from the prompt with FID/KID on 500 heldout prompts, Dori 50 from
 # random init. Beside them: the unmitigated world's FID in bf16 with generation seeds 0 and 1 (the noise of a
 # 500-prompt FID), and U0's FID after epochs 4 and 8 (its checkpoints). Every stage has a deadline.
