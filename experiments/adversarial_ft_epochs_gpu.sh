@@ -8,6 +8,8 @@
 # audited at the end. Seed 0's UNets after epochs 8 and 10 come back as bit-exact deltas (tools/weights_delta.py).
 # Results: $OUT/results.tgz, $OUT/summary.log, $OUT/timeline.log, $OUT/F0-e8.unet.xz, $OUT/F0-e10.unet.xz.
 # EXTRA: options every fine-tuning gets (session 14: EXTRA="--utility-target teacher" NO_EMA=1, run folder R=runs/ep21t).
+# Since 0a6e70a the library's utility target is the teacher: the session-13 study above (L_DM) needs
+# EXTRA="--utility-target data".
 # NO_EMA=1 leaves out F2 (three fine-tunings at once did not all reach epoch 12 within one call). F1_OPTS: F1's options
 # (default --seed 1). E: the epochs of the fine-tunings (default 12) and CK the checkpoints audited before the end.
 # Session 14's second call: R=runs/ep21u EXTRA="--utility-target teacher --utility-weight 30" E=10 CK=8 NO_EMA=1
