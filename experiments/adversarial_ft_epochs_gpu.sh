@@ -14,6 +14,9 @@
 # (default --seed 1). E: the epochs of the fine-tunings (default 12) and CK the checkpoints audited before the end.
 # Session 14's second call: R=runs/ep21u EXTRA="--utility-target teacher --utility-weight 30" E=10 CK=8 NO_EMA=1
 #   F1_OPTS="--utility-weight 10 --ema 0.99"
+# BASE=1: also the unmitigated world's prompts row with FID/KID on the same 500 heldout prompts, at the start.
+# Session 15 (the guided distillation target, seeds 0 and 1, checkpoints 8 and 10, the unmitigated FID beside them):
+#   R=runs/ep21g EXTRA="--utility-target guided" E=10 CK=8 NO_EMA=1 BASE=1 DEADLINE=560 bash experiments/adversarial_ft_epochs_gpu.sh
 set -u
 bash tools/gpu_env.sh || exit 1
 R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; F1_OPTS=${F1_OPTS:---seed 1}; E=${E:-12}; CK=${CK:-6 8 10}; DEADLINE=${DEADLINE:-550}
@@ -36,6 +39,7 @@ watch() {  # name: audit its checkpoints of epochs 6, 8, 10 as they are written,
   [ -f $R/$name/model_index.json ] && both $name-e$E $R/$name
   wait
 }
+[ "${BASE:-0}" = 1 ] && audit none-fid --model miniworld $FID &
 ft F0 & watch F0 &
 while [ ! -f $R/F0/surrogates/surrogates.json ] && [ $(left) -gt 0 ]; do sleep 2; done; t "surrogates ready"
 S="--surrogates $R/F0/surrogates"

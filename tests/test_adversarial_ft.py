@@ -7,7 +7,7 @@ from dori.data.sets import Item
 from dori.errors import DoriError
 from dori.metrics.replication import copy_similarity
 from dori.mitigations import lora
-from dori.mitigations.adversarial_ft import AdversarialFineTuning
+from dori.mitigations.adversarial_ft import AdversarialFineTuning, guided_distillation
 from dori.mitigations.surrogates import SurrogateSet, generate_surrogates, load_surrogates
 from dori.mitigations.training import changed_parameters
 
@@ -469,3 +469,79 @@ def test_teacher_utility_target_starts_at_zero_and_pulls_back_toward_the_unmitig
     assert 0.0 < distance(pulled) < distance(free)
     with pytest.raises(DoriError, match="utility_target"):
         AdversarialFineTuning(utility_target="model")
+
+
+def test_guided_distillation_weighs_the_guidance_direction_w_fold():
+    """The per-pair loss is |d_c|^2 + |d_g / w|^2 with d_g = d_u + w (d_c - d_u): a shift the caption and the
+    empty prompt share costs about what the teacher target's |d_c|^2 costs (1 + 1/w^2 times), opposite differences
+    (what guidance amplifies) 1 + (2 - 1/w)^2 times: 4.4 at w = 7."""
+    g = torch.Generator().manual_seed(0)
+    d_c, d_u = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    w = 7.0
+    d_g = d_u + w * (d_c - d_u)
+    expected = d_c.pow(2).mean((1, 2, 3)) + (d_g / w).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(guided_distillation(torch.cat([d_c, d_u]), 3, w), expected)
+    shift = torch.ones(1, 4, 8, 8)
+    assert float(guided_distillation(torch.cat([shift, shift]), 1, w)) == pytest.approx(1 + 1 / w**2)
+    split = torch.cat([shift, -shift])  # d_c = -d_u: the guided difference is (2w - 1) |shift|
+    assert float(guided_distillation(split, 1, w)) == pytest.approx(1 + (2 - 1 / w) ** 2)
+    assert float(guided_distillation(split, 1, 1.0)) == pytest.approx(2.0)  # w = 1: the caption's twice
+
+
+def test_guided_utility_target_starts_at_zero_and_keeps_the_guided_prediction_closer(tiny, monkeypatch):
+    """``utility_target="guided"``: every utility pair is predicted again with the empty prompt (by the trained
+    model and the unmitigated one), the loss is zero before any update, and after updates that the adversarial
+    loss drives, the guided prediction on utility latents stays closer to the unmitigated model's than with the
+    teacher target (same draws, same weights)."""
+    items, utility = _items(1, 5, "m"), _items(4, 6, "u")
+    null = tiny.null_embedding().float()[0]
+    rows, original = [], type(tiny).unet_forward
+
+    def recording(self, x_t, t, emb, *args, **kwargs):
+        rows.append(emb.detach().float().cpu())
+        return original(self, x_t, t, emb, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny), "unet_forward", recording)
+    logs = []
+    AdversarialFineTuning(
+        epochs=1, steps_per_embedding=1, mitigation_loss=False, grad_clip=None, weight_decay=0.0,
+        utility_target="guided", utility_batch=4, uncond_share=0.0,
+    )(tiny, items, utility=utility, log=logs.append)  # fmt: skip
+    monkeypatch.setattr(type(tiny), "unet_forward", original)
+    step = next(r for r in logs if r["kind"] == "step")
+    assert step["l_util"] == 0.0 and step["grad_norm"] == 0.0
+    # the trained model's rows, then the teacher's: 4 captions + 4 empty prompts each
+    first = torch.cat(rows[:2])
+    assert first.shape[0] == 16
+    is_null = (first - null).abs().amax(dim=(1, 2)).lt(1e-6)
+    assert is_null.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+
+    surr = _surrogates(items)
+    cfg = dict(
+        epochs=2, steps_per_embedding=3, dori_steps=2, utility_batch=8, lr=2e-3, seed=3, uncond_share=0.0
+    )
+    models = {
+        target: AdversarialFineTuning(**cfg, utility_target=target)(
+            tiny, items, surrogates=surr, utility=utility
+        )
+        for target in ("teacher", "guided")
+    }
+    x0 = torch.stack([it.image for it in utility]).to(torch.float32)
+    lat = tiny.encode_images(x0)
+    gen = torch.Generator().manual_seed(9)
+    noise = torch.randn(lat.shape, generator=gen)
+    t = torch.randint(0, tiny.num_train_timesteps, (lat.shape[0],), generator=gen)
+    x_t = tiny.add_noise(lat, noise, t)
+    c = tiny.encode_text([it.prompt for it in utility])
+    u = tiny.null_embedding().expand_as(c)
+
+    def guided(m):
+        with torch.no_grad():
+            e_c, e_u = m.unet_forward(x_t, t, c), m.unet_forward(x_t, t, u)
+        return e_u + 7.0 * (e_c - e_u)
+
+    ref = guided(tiny)
+    drift = {k: float((guided(m) - ref).pow(2).mean()) for k, m in models.items()}
+    assert 0.0 < drift["guided"] < drift["teacher"]
+    with pytest.raises(DoriError, match="utility_guidance"):
+        AdversarialFineTuning(utility_target="guided", utility_guidance=0.5)

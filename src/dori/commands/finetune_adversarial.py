@@ -72,8 +72,12 @@ def add_method(methods) -> None:
     g.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES, help="default: the method's")
     g.add_argument(
         "--utility-target", default=None, choices=UTILITY_TARGETS,
-        help="utility loss against the drawn noise (data, Algorithm 2) or the unmitigated model's prediction "
-        "(teacher); default: the method's",
+        help="utility loss against the drawn noise (data, Algorithm 2), the unmitigated model's prediction "
+        "(teacher), or its prediction with the caption and its guided prediction (guided); default: the method's",
+    )  # fmt: skip
+    g.add_argument(
+        "--utility-guidance", type=float, default=None,
+        help="the guidance of --utility-target guided (default: the method's, the protocol's 7)",
     )  # fmt: skip
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
@@ -117,6 +121,7 @@ def method_from_args(args):
         utility_loss=not args.no_utility_loss,
         utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
         utility_target=args.utility_target or defaults.utility_target,
+        utility_guidance=args.utility_guidance or defaults.utility_guidance,
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,

@@ -61,7 +61,7 @@ from dori.models.pipeline import SamplingConfig, T2IModel
 
 INIT_SCHEDULES = ("alternate", "prompt", "random", "both")
 LR_SCHEDULES = ("constant", "cosine")
-UTILITY_TARGETS = ("data", "teacher")
+UTILITY_TARGETS = ("data", "teacher", "guided")
 
 
 @dataclass
@@ -99,11 +99,18 @@ class AdversarialFineTuning:
         utility_weight: lambda in L_adv + lambda * L_DM (Algorithm 2 sums them: 1; the default 10 keeps
             utility on all 40 miniworld items, docs/adversarial_ft.md).
         utility_target: what the utility loss compares the prediction with: ``data`` (the drawn noise, L_DM of
-            Algorithm 2) or ``teacher`` (the unmitigated model's prediction for the same x_t, t and caption:
+            Algorithm 2), ``guided`` (see ``utility_guidance``) or ``teacher`` (the unmitigated model's prediction
+            for the same x_t, t and caption:
             distillation, which keeps the model's outputs on non-memorized data, and so its sample distribution,
             where they were; a deviation from Algorithm 2, the default: on all 40 miniworld items after 10 epochs,
             training seeds 0 and 1, FID 4.1 / 4.8 against 4.9 / 5.7 with ``data`` and Dori 50 MR at most 0.1
             from both inits against up to 0.175; docs/results/adversarial_ft.md).
+        utility_guidance: with ``utility_target="guided"``, the student and the unmitigated model both predict
+            each utility pair twice, with its caption (c) and the empty prompt (u), and the loss is the teacher
+            target's plus a guided term, ``|d_c|^2 + |d_g / w|^2``, with d the prediction differences and
+            ``d_g = d_u + w (d_c - d_u)`` the difference of the classifier-free-guided predictions at this
+            guidance w (the protocol's 7). Generation uses the guided prediction, which amplifies differences
+            between d_c and d_u w-fold; the teacher target weighs that direction no more than any other.
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
@@ -142,6 +149,7 @@ class AdversarialFineTuning:
     utility_loss: bool = True
     utility_weight: float = 10.0
     utility_target: str = "teacher"
+    utility_guidance: float = 7.0
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
@@ -190,6 +198,8 @@ class AdversarialFineTuning:
             raise DoriError(f"ema must be in (0, 1), got {self.ema}")
         if self.utility_target not in UTILITY_TARGETS:
             raise DoriError(f"utility_target must be one of {UTILITY_TARGETS}, got {self.utility_target!r}")
+        if not self.utility_guidance >= 1.0:
+            raise DoriError(f"utility_guidance must be >= 1, got {self.utility_guidance}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DoriError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.utility_weight > 0:
@@ -311,7 +321,7 @@ class AdversarialFineTuning:
             t1 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = self.lr_for_epoch(epoch)
-            teacher = model if self.utility_target == "teacher" else None
+            teacher = model if self.utility_target != "data" else None
             sums = self._epoch_updates(ft, data, y_adv, params, opt, gen, epoch, emit, ema, teacher)
             t2 = time.perf_counter()
             emit(
@@ -470,11 +480,22 @@ class AdversarialFineTuning:
                         per = ft.training_loss(x0, emb, t, noise).float()
                     else:  # utility rows: the unmitigated model's prediction is the target (utility_target)
                         x_t = ft.add_noise(x0, noise, t)
+                        target = ft.target(x0[:n_adv], noise[:n_adv], t[:n_adv]).float()
+                        if self.utility_target == "guided":  # the utility rows again, with the empty prompt
+                            x_t = torch.cat([x_t, x_t[n_adv:]])
+                            t = torch.cat([t, t[n_adv:]])
+                            emb = torch.cat([emb, data.null.to(emb).expand(n_util, -1, -1)])
                         pred = ft.unet_forward(x_t, t, emb).float()
-                        target = ft.target(x0, noise, t).float()
                         with torch.no_grad():
-                            target[n_adv:] = teacher.unet_forward(x_t[n_adv:], t[n_adv:], emb[n_adv:]).float()
-                        per = (pred - target).pow(2).flatten(1).mean(1)
+                            teach = teacher.unet_forward(x_t[n_adv:], t[n_adv:], emb[n_adv:]).float()
+                        per_adv = (pred[:n_adv] - target).pow(2).flatten(1).mean(1)
+                        if self.utility_target == "guided":
+                            per_util = guided_distillation(
+                                pred[n_adv:] - teach, n_util, self.utility_guidance
+                            )
+                        else:
+                            per_util = (pred[n_adv:] - teach).pow(2).flatten(1).mean(1)
+                        per = torch.cat([per_adv, per_util])
                 l_adv = per[:n_adv].mean() if n_adv else per.new_zeros(())
                 l_util = per[n_adv:].mean() if n_util else per.new_zeros(())
                 (l_adv + self.utility_weight * l_util).backward()
@@ -505,6 +526,15 @@ class AdversarialFineTuning:
             "l_util": totals["l_util"] / steps if self.utility_loss else None,
             "steps": totals["steps"],
         }
+
+
+def guided_distillation(diff: torch.Tensor, n: int, w: float) -> torch.Tensor:
+    """Per pair, ``|d_c|^2 + |d_g / w|^2`` (means over elements) from the student-minus-teacher prediction
+    differences of ``n`` pairs with their captions (rows ``:n``) and with the empty prompt (rows ``n:``), where
+    ``d_g = d_u + w (d_c - d_u)`` is the difference of the classifier-free-guided predictions at guidance w."""
+    d_c, d_u = diff[:n], diff[n:]
+    d_g = d_u + w * (d_c - d_u)
+    return d_c.pow(2).flatten(1).mean(1) + (d_g / w).pow(2).flatten(1).mean(1)
 
 
 @dataclass
