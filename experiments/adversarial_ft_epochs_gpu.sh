@@ -15,8 +15,10 @@
 # Session 14's second call: R=runs/ep21u EXTRA="--utility-target teacher --utility-weight 30" E=10 CK=8 NO_EMA=1
 #   F1_OPTS="--utility-weight 10 --ema 0.99"
 # BASE=1: also the unmitigated world's prompts row with FID/KID on the same 500 heldout prompts, at the start.
-# Session 15 (the guided distillation target, seeds 0 and 1, checkpoints 8 and 10, the unmitigated FID beside them):
-#   R=runs/ep21g EXTRA="--utility-target guided" E=10 CK=8 NO_EMA=1 BASE=1 DEADLINE=560 bash experiments/adversarial_ft_epochs_gpu.sh
+# ONLY_F0=1: F0 alone (no F1, no F2).
+# Session 15 (the guided distillation target, seed 0, checkpoints 8 and 10, the unmitigated FID beside them; the
+# session's device time left room for one fine-tuning):
+#   R=runs/ep21g EXTRA="--utility-target guided" E=10 CK=8 ONLY_F0=1 BASE=1 DEADLINE=480 bash experiments/adversarial_ft_epochs_gpu.sh
 set -u
 bash tools/gpu_env.sh || exit 1
 R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; F1_OPTS=${F1_OPTS:---seed 1}; E=${E:-12}; CK=${CK:-6 8 10}; DEADLINE=${DEADLINE:-550}
@@ -43,7 +45,9 @@ watch() {  # name: audit its checkpoints of epochs 6, 8, 10 as they are written,
 ft F0 & watch F0 &
 while [ ! -f $R/F0/surrogates/surrogates.json ] && [ $(left) -gt 0 ]; do sleep 2; done; t "surrogates ready"
 S="--surrogates $R/F0/surrogates"
-ft F1 $S $F1_OPTS & watch F1 &
-[ $NO_EMA = 1 ] || ( ft F2 $S --ema 0.99; [ -f $R/F2/model_index.json ] && both F2-e$E $R/F2 ) &
+if [ "${ONLY_F0:-0}" != 1 ]; then
+  ft F1 $S $F1_OPTS & watch F1 &
+  [ $NO_EMA = 1 ] || ( ft F2 $S --ema 0.99; [ -f $R/F2/model_index.json ] && both F2-e$E $R/F2 ) &
+fi
 wait; t "all done"; pack
 sort $L/summary.log; grep -h " s .*KB" $R/*.log; ls -la $L
