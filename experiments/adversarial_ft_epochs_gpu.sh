@@ -38,7 +38,9 @@ watch() {  # name: audit its checkpoints of epochs 6, 8, 10 as they are written,
     both $name-e$k $c/$e &
   done
   while [ ! -f $R/$name/model_index.json ] && [ $(left) -gt 0 ]; do sleep 3; done
-  [ -f $R/$name/model_index.json ] && both $name-e$E $R/$name
+  [ -f $R/$name/model_index.json ] || { wait; return; }
+  [ $name = F0 ] && [ ! -f $L/F0-e$E.unet.xz ] && python3 tools/weights_delta.py pack $R/F0/unet/diffusion_pytorch_model.safetensors $L/F0-e$E.unet.xz &
+  both $name-e$E $R/$name
   wait
 }
 [ "${BASE:-0}" = 1 ] && audit none-fid --model miniworld $FID &
