@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dori.attacks.dori import Dori, initial_embeddings
-from dori.fast import FastPath, attention_processors, units_that_fit
+from dori.fast import COMPILE_PAYS_FROM_ITEMS, FastPath, attention_processors, compile_hint, units_that_fit
 from dori.models.builders import build_tiny_random
 from dori.models.pipeline import SamplingConfig
 
@@ -110,3 +110,12 @@ def test_fast_path_on_gpu_probes_memory():
     assert 1 <= items <= path.max_dori_items
     cfg = path.sampling(model)
     assert 1 <= cfg.batch_size <= path.max_sampling_batch
+
+
+def test_compile_hint_only_where_compiling_pays():
+    """The audit suggests --compile on CUDA from the measured break-even on, never on the CPU or when on."""
+    n = COMPILE_PAYS_FROM_ITEMS
+    assert "--compile" in compile_hint(n, "cuda", False)
+    assert compile_hint(n - 1, "cuda", False) is None
+    assert compile_hint(10 * n, "cuda", True) is None
+    assert compile_hint(10 * n, "cpu", False) is None

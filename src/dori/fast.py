@@ -21,7 +21,9 @@ What it does (``FastPath().apply(model)``; ``--fast`` on the command line):
   the batch sizes are probed). On an H100 it made the Dori loop 1.25x and sampling 1.31x faster but took
   190 s to compile the two graphs, so it pays from about 140 prompts on (the 500-prompt audit, not the
   112-VM one); hooks added after compiling (NeMo) cost a recompile. ``benchmarks/bench_sd.py --compile``
-  measures both.
+  measures both. Through ``dori audit --attack dori`` on an H200 it cost 273 s once (49 s with Inductor's
+  on-disk cache warm) and took 8.79 s per item to 6.93: it pays from about 150 items, and the audit says so
+  (:func:`compile_hint`); it stays off by default.
 
 On the CPU the defaults are unchanged (float32, contiguous); only the batching applies. Results equal the
 float32 ones within bf16 rounding; searches and generations of an item never depend on what else is in
@@ -40,6 +42,20 @@ from dori.errors import DoriError
 from dori.models.pipeline import SamplingConfig, T2IModel
 
 GIB = 1024**3
+# `dori audit --attack dori` on one H200 (sd14-random, bf16, 2026-11-29, docs/performance.md): --compile costs
+# about 273 s once with a cold Inductor cache (49 s warm) and saves 1.86 s per item (8.79 -> 6.93 s), so it pays
+# from about 150 items on.
+COMPILE_PAYS_FROM_ITEMS = 150
+
+
+def compile_hint(n_items: int, device_type: str, compiling: bool) -> str | None:
+    """The line an audit prints when ``--compile`` would pay for itself and is off (None otherwise)."""
+    if compiling or device_type != "cuda" or n_items < COMPILE_PAYS_FROM_ITEMS:
+        return None
+    return (
+        f"hint: {n_items} items: --compile pays from about {COMPILE_PAYS_FROM_ITEMS} on (measured on an H200: "
+        "about 4.5 min once, then 21% less time per item; docs/performance.md)"
+    )
 
 
 def attention_processors(model: T2IModel) -> dict[str, int]:

@@ -137,7 +137,12 @@ def _attack(args, init: str, model, n_items: int, config):
     fast = fast_path_from_args(args, model)  # the default on CUDA (bf16 weights); --no-fast: float32
     compile_s = None
     if fast is not None:  # batches sized from free memory; generation batches never below --batch-size
+        from dori.fast import compile_hint
+
         dori, config.sampling, k = fast.tune_audit(model, config.sampling, dori, n_items)
+        hint = compile_hint(n_items, model.device.type, fast.compile)
+        if hint and args.attack == "dori":
+            print(hint, file=sys.stderr)
         if fast.compile and model.device.type == "cuda":
             compile_s = fast.warm_up(model, dori, k, config.sampling)
             print(
