@@ -14,17 +14,6 @@ bash tools/gpu_env.sh || exit 1
 R=runs/gpu21; DEADLINE=${DEADLINE:-550}
 . experiments/gpu_common.sh
 AUD="--set vm --batch-size 1000 --no-progress"
-finetuned() {  # name, options: fine-tune, audit, bring the UNet back
-  local name=$1; shift
-  /usr/bin/time -f "$name finetune %e s %M KB" timeout $(( $(left) - 100 )) $D mitigate adversarial-ft --model miniworld \
-    --set vm --no-progress --out $R/$name "$@" > $R/$name.ft.log 2>&1
-  t "$name finetune rc=$? $(tail -1 $R/$name/losses.jsonl 2>/dev/null | cut -c1-100)"; pack
-  [ -f $R/$name/model_index.json ] || return
-  python3 tools/weights_delta.py pack $R/$name/unet/diffusion_pytorch_model.safetensors $L/$name.unet.xz &
-  audit $name-dp --model $R/$name --attack dori --steps 50 --snapshots 10,25 --utility-set heldout --n-utility 500 &
-  audit $name-dr --model $R/$name --attack dori --steps 50 --init random --snapshots 10,25 &
-  wait
-}
 if [ -n "${GPU_JOB:-}" ]; then ( timeout $(left) bash -c "$GPU_JOB" > $L/gpu_job.log 2>&1; t "GPU_JOB rc=$?" ) & fi
 finetuned A &
 while [ ! -f $R/A/surrogates/surrogates.json ] && [ $(left) -gt 0 ]; do sleep 2; done; t "surrogates ready"

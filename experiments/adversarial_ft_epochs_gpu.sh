@@ -24,7 +24,6 @@ bash tools/gpu_env.sh || exit 1
 R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; F1_OPTS=${F1_OPTS:---seed 1}; E=${E:-12}; CK=${CK:-6 8 10}; DEADLINE=${DEADLINE:-550}
 . experiments/gpu_common.sh
 AUD="--set vm --batch-size 1000 --no-progress"; FID="--utility-set heldout --n-utility 500"
-both() { audit $1-dp --model $2 --attack dori --steps 50 --snapshots 10,25 $FID & audit $1-dr --model $2 --attack dori --steps 50 --init random --snapshots 10,25 & wait; }
 ft() { local name=$1; shift
   /usr/bin/time -f "$name finetune %e s %M KB" timeout $(( $(left) - 60 )) $D mitigate adversarial-ft --model miniworld \
     --set vm --no-progress --out $R/$name --epochs $E $EXTRA "$@" > $R/$name.ft.log 2>&1; t "$name finetune rc=$?"; }

@@ -14,17 +14,7 @@ bash tools/gpu_env.sh || exit 1
 R=runs/gpu21i; DEADLINE=${DEADLINE:-550}; ALPHAS=${ALPHAS:-0.5 0.7 0.85}
 . experiments/gpu_common.sh
 AUD="--set vm --batch-size 1000 --no-progress"
-both() { audit $1-dp --model $2 --attack dori --steps 50 --snapshots 10,25 --utility-set heldout --n-utility 500 &
-  audit $1-dr --model $2 --attack dori --steps 50 --init random --snapshots 10,25 & wait; }
-finetuned() {  # name, options: fine-tune, audit, bring the UNet back
-  local name=$1; shift
-  /usr/bin/time -f "$name finetune %e s %M KB" timeout $(( $(left) - 80 )) $D mitigate adversarial-ft --model miniworld \
-    --set vm --no-progress --out $R/$name "$@" > $R/$name.ft.log 2>&1
-  t "$name finetune rc=$? $(tail -1 $R/$name/losses.jsonl 2>/dev/null | cut -c1-100)"; pack
-  [ -f $R/$name/model_index.json ] || return
-  python3 tools/weights_delta.py pack $R/$name/unet/diffusion_pytorch_model.safetensors $L/$name.unet.xz &
-  both $name $R/$name; wait
-}
+FT_MARGIN=80
 T=$R/T; cp -r src/dori/assets/miniworld $T && python3 tools/weights_delta.py unpack ${DELTA:-.carry/T0e10.unet.xz} \
   $T/unet/diffusion_pytorch_model.safetensors && t "model rebuilt" || exit 1
 for a in $ALPHAS; do
