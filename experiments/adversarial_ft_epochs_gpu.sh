@@ -16,9 +16,9 @@
 #   F1_OPTS="--utility-weight 10 --ema 0.99"
 # BASE=1: also the unmitigated world's prompts row with FID/KID on the same 500 heldout prompts, at the start.
 # ONLY_F0=1: F0 alone (no F1, no F2).
-# Session 15 (the guided distillation target, seed 0, checkpoints 8 and 10, the unmitigated FID beside them; the
+# Session 15 (the guided distillation target, seed 0, the final model only, the unmitigated FID beside it; the
 # session's device time left room for one fine-tuning):
-#   R=runs/ep21g EXTRA="--utility-target guided" E=10 CK=8 ONLY_F0=1 BASE=1 DEADLINE=480 bash experiments/adversarial_ft_epochs_gpu.sh
+#   R=runs/ep21g EXTRA="--utility-target guided" E=10 CK=" " ONLY_F0=1 BASE=1 DEADLINE=470 bash experiments/adversarial_ft_epochs_gpu.sh
 set -u
 bash tools/gpu_env.sh || exit 1
 R=${R:-runs/ep21}; EXTRA=${EXTRA:-}; NO_EMA=${NO_EMA:-0}; F1_OPTS=${F1_OPTS:---seed 1}; E=${E:-12}; CK=${CK:-6 8 10}; DEADLINE=${DEADLINE:-550}

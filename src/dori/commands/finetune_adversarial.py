@@ -121,7 +121,9 @@ def method_from_args(args):
         utility_loss=not args.no_utility_loss,
         utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
         utility_target=args.utility_target or defaults.utility_target,
-        utility_guidance=args.utility_guidance or defaults.utility_guidance,
+        utility_guidance=defaults.utility_guidance
+        if args.utility_guidance is None
+        else args.utility_guidance,
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,
