@@ -545,3 +545,35 @@ def test_guided_utility_target_starts_at_zero_and_keeps_the_guided_prediction_cl
     assert 0.0 < drift["guided"] < drift["teacher"]
     with pytest.raises(DoriError, match="utility_guidance"):
         AdversarialFineTuning(utility_target="guided", utility_guidance=0.5)
+
+
+@pytest.mark.parametrize("target", ["data", "teacher"])
+def test_adv_min_timestep_draws_only_the_mitigation_rows_above_it(tiny, monkeypatch, target):
+    items, utility = _items(1, 3, "m"), _items(4, 4, "u")
+    surr = _surrogates(items)
+    seen = []  # t of every UNet pass with gradients (the student's; the teacher runs without)
+    original = type(tiny).unet_forward
+
+    def recording(self, x_t, t, emb):
+        if torch.is_grad_enabled():
+            seen.append(t.cpu())
+        return original(self, x_t, t, emb)
+
+    monkeypatch.setattr(type(tiny), "unet_forward", recording)
+    common = dict(
+        epochs=1, steps_per_embedding=2, dori_steps=0, init_schedule="prompt", embeddings_per_item=2,
+        persistent=0, noise_draws=16, utility_batch=32, utility_target=target,
+    )  # fmt: skip
+    AdversarialFineTuning(**common, adv_min_timestep=700)(tiny, items, surrogates=surr, utility=utility)
+    assert [t.numel() for t in seen] == [32 + 32, 32 + 32]  # 2 embeddings x 16 draws, then 32 utility pairs
+    adv, util = torch.cat([t[:32] for t in seen]), torch.cat([t[32:] for t in seen])
+    assert int(adv.min()) >= 700 and int(adv.max()) < tiny.num_train_timesteps
+    assert (
+        int(util.min()) < 700
+    )  # utility rows keep the whole range: 64 uniform draws all >= 700 has p = 1e-34
+    with pytest.raises(DoriError, match="adv_min_timestep"):
+        AdversarialFineTuning(adv_min_timestep=-1)
+    with pytest.raises(DoriError, match="leaves no timestep"):
+        AdversarialFineTuning(**common, adv_min_timestep=tiny.num_train_timesteps)(
+            tiny, items, surrogates=surr, utility=utility
+        )

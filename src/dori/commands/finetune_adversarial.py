@@ -79,6 +79,10 @@ def add_method(methods) -> None:
         "--utility-guidance", type=float, default=None,
         help="the guidance of --utility-target guided (default: the method's, the protocol's 7)",
     )  # fmt: skip
+    g.add_argument(
+        "--adv-min-timestep", type=int, default=None,
+        help="draw the mitigation loss's timesteps from [this, T) (default: the method's; 0 = all, Algorithm 2)",
+    )  # fmt: skip
     g.add_argument("--no-utility-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--no-mitigation-loss", action="store_true", help="Table 16 ablation")
     g.add_argument("--lora", action="store_true", help="LoRA rank 128 instead of full fine-tuning")
@@ -124,6 +128,9 @@ def method_from_args(args):
         utility_guidance=defaults.utility_guidance
         if args.utility_guidance is None
         else args.utility_guidance,
+        adv_min_timestep=defaults.adv_min_timestep
+        if args.adv_min_timestep is None
+        else args.adv_min_timestep,
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,

@@ -44,7 +44,9 @@ POSITIVE = {
     "theta_step",
     "theta_min",
 }
-NON_NEGATIVE = {"guidance", "weight_decay", "utility_weight", "pause_after", "sparsity", "persistent"}
+NON_NEGATIVE = {
+    "guidance", "weight_decay", "utility_weight", "pause_after", "sparsity", "persistent", "adv_min_timestep",
+}  # fmt: skip
 FRACTION = {"stop_mr", "sparsity", "uncond_share"}
 NOT_EMPTY = {
     "model", "set", "out", "json", "mitigation", "surrogate_mitigation", "surrogate_model", "surrogates",

@@ -114,6 +114,11 @@ class AdversarialFineTuning:
             Measured (all 40 miniworld vm items, seed 0, 10 epochs): 22-30% less guided drift than the teacher
             target but FID 4.15 (teacher 3.89-4.88) and Dori 50 MR 0.10 / 0.125 from the prompt / random init
             (teacher 0.025-0.075 / 0.05-0.10): an option, not the default (docs/results/adversarial_ft.md).
+        adv_min_timestep: L_adv's timesteps are drawn from [adv_min_timestep, T) instead of [0, T) (0: Algorithm
+            2). Replication is decided in the first, noisiest steps of generation (the early overestimation of
+            "How Diffusion Models Memorize"); at small t the prediction denoises details that every image shares,
+            and training it on a few surrogate images there moves the whole model's textures without
+            steering any trajectory away from the memorized image.
         mitigation_loss: include L_adv on surrogates (Table 16 "No Mitigation Loss": False; no Dori runs).
         lora_rank: train LoRA adapters of this rank instead of the whole UNet (App. I.5: 128); None = full.
         lora_convs: with ``lora_rank``, also adapt convolutions (App. I.5 variant 2).
@@ -153,6 +158,7 @@ class AdversarialFineTuning:
     utility_weight: float = 10.0
     utility_target: str = "teacher"
     utility_guidance: float = 7.0
+    adv_min_timestep: int = 0
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
@@ -205,6 +211,8 @@ class AdversarialFineTuning:
             raise DoriError(f"utility_guidance must be >= 1, got {self.utility_guidance}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DoriError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.adv_min_timestep < 0:
+            raise DoriError(f"adv_min_timestep must be >= 0, got {self.adv_min_timestep}")
         if not self.utility_weight > 0:
             raise DoriError(f"utility_weight must be > 0, got {self.utility_weight}")
 
@@ -259,6 +267,11 @@ class AdversarialFineTuning:
         """
         if self.stop_mr is not None and (similarity is None or threshold is None):
             raise DoriError("stop_mr needs a copy-detector similarity and its replication threshold")
+        if self.adv_min_timestep >= model.num_train_timesteps:
+            raise DoriError(
+                f"adv_min_timestep {self.adv_min_timestep} leaves no timestep: the model has "
+                f"{model.num_train_timesteps}"
+            )
         surrogates = surrogates if surrogates is not None else SurrogateSet()
         skipped: dict[str, str] = {}
         usable = []
@@ -476,7 +489,12 @@ class AdversarialFineTuning:
                 x0 = torch.cat(x0_parts).to(device, torch.float32)
                 emb = torch.cat([e.to(device, torch.float32) for e in emb_parts])
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                t = torch.randint(0, ft.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+                t = torch.randint(0, ft.num_train_timesteps, (x0.shape[0],), generator=gen)
+                if self.adv_min_timestep and n_adv:
+                    t[:n_adv] = torch.randint(
+                        self.adv_min_timestep, ft.num_train_timesteps, (n_adv,), generator=gen
+                    )
+                t = t.to(device)
                 opt.zero_grad(set_to_none=True)
                 with ctx:
                     if teacher is None or not n_util:
