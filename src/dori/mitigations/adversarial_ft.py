@@ -139,7 +139,7 @@ class AdversarialFineTuning:
 
     name: ClassVar[str] = "advft"
 
-    epochs: int = 10
+    epochs: int = 12
     steps_per_embedding: int = 3
     lr: float = 8e-5
     weight_decay: float = 1e-2
@@ -158,7 +158,7 @@ class AdversarialFineTuning:
     utility_weight: float = 10.0
     utility_target: str = "teacher"
     utility_guidance: float = 7.0
-    adv_min_timestep: int = 0
+    adv_min_timestep: int = 250
     mitigation_loss: bool = True
     lora_rank: int | None = None
     lora_convs: bool = False
