@@ -21,7 +21,7 @@ from dori.recipes.table1 import Table1Config, run_table1
 DEMO_SNAPSHOTS = "10,25"  # MR against Dori steps: 10, 25 and the final 50
 # Adversarial fine-tuning within the demo's minutes on a CPU. The library defaults (12 epochs; per item and epoch
 # 4 Dori searches of 50 steps x 8 draws, 3 updates of 4 x 8 surrogate draws + 64 utility pairs) took about 35 min
-# for 12 items on 2 cores with the earlier 12 epochs; this budget keeps the algorithm (fresh and persistent
+# for 12 items on 2 cores (12 epochs, session 12); this budget keeps the algorithm (fresh and persistent
 # searches, caption dropout) with fewer epochs, shorter searches and smaller batches, and L_DM as the utility loss:
 # on this budget the library's distillation target cost more utility for the same MR (4 items, session 14: Dori 1
 # of 4 from each init with both; FID 6.05 -> 11.03 and A_CLIP 0.877 -> 0.854 with it, 6.04 and 0.866 with L_DM;
