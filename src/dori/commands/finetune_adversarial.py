@@ -104,40 +104,40 @@ def method_from_args(args):
     from dori.mitigations.adversarial_ft import AdversarialFineTuning
 
     defaults = AdversarialFineTuning()
-    schedule = args.init_schedule or defaults.init_schedule
-    persistent = defaults.persistent if args.persistent is None else args.persistent
+
+    def given(name: str):  # the option where given, else the method's default
+        value = getattr(args, name)
+        return getattr(defaults, name) if value is None else value
+
+    schedule, persistent = given("init_schedule"), given("persistent")
     return AdversarialFineTuning(
-        epochs=defaults.epochs if args.epochs is None else args.epochs,
+        epochs=given("epochs"),
         steps_per_embedding=args.steps_per_embedding,
         lr=args.lr or defaults.lr,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         items_per_step=args.items_per_step,
         embeddings_per_item=args.embeddings_per_item or (2 if schedule == "both" else 1) + persistent,
-        noise_draws=defaults.noise_draws if args.noise_draws is None else args.noise_draws,
+        noise_draws=given("noise_draws"),
         utility_batch=defaults.utility_batch if args.utility_batch is None else (args.utility_batch or None),
         dori_steps=args.dori_steps,
         dori_lr=args.dori_lr,
         dori_batch=args.dori_batch,
         init_schedule=schedule,
         persistent=persistent,
-        uncond_share=defaults.uncond_share if args.uncond_share is None else args.uncond_share,
+        uncond_share=given("uncond_share"),
         utility_loss=not args.no_utility_loss,
-        utility_weight=defaults.utility_weight if args.utility_weight is None else args.utility_weight,
-        utility_target=args.utility_target or defaults.utility_target,
-        utility_guidance=defaults.utility_guidance
-        if args.utility_guidance is None
-        else args.utility_guidance,
-        adv_min_timestep=defaults.adv_min_timestep
-        if args.adv_min_timestep is None
-        else args.adv_min_timestep,
+        utility_weight=given("utility_weight"),
+        utility_target=given("utility_target"),
+        utility_guidance=given("utility_guidance"),
+        adv_min_timestep=given("adv_min_timestep"),
         mitigation_loss=not args.no_mitigation_loss,
         lora_rank=args.lora_rank if (args.lora or args.lora_convs) else None,
         lora_convs=args.lora_convs,
         stop_mr=args.stop_mr,
         stop_generations=args.stop_generations,
         ema=defaults.ema if args.ema is None else (args.ema or None),
-        lr_schedule=args.lr_schedule or defaults.lr_schedule,
+        lr_schedule=given("lr_schedule"),
         seed=args.seed,
         autocast_dtype=DTYPES[args.autocast] if args.autocast else None,
     )
